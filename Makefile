@@ -1,0 +1,29 @@
+# deltamux: the two entry points are `make demo` (serve the real base with the demo deltas) and
+# `make test` (the whole test suite). Both create the virtual environment on first use.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+HOST ?= 127.0.0.1
+PORT ?= 8000
+
+.PHONY: venv test test-fast demo deltas clean
+
+$(BIN)/deltamux: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@
+
+venv: $(BIN)/deltamux
+
+## Run the whole suite, real-model tests included.
+test: venv
+	$(BIN)/python -m pytest -q
+
+## The quick subset for the edit loop: no real-model or long tests.
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,174 @@
+"""Apply a delta onto live model weights in place, and restore the base exactly.
+
+The server calls these on the resident model for every task switch, so they work on the
+parameter tensors themselves, on whatever device they live, in float32, bfloat16 or float16:
+
+- `decode` turns a delta file into device-ready index and value tensors once;
+- `apply` saves the base values at the delta's positions, then writes `base + delta` computed in
+  float32 and rounded once to the weight's dtype;
+- `restore` writes the saved values back, so the base is bit-identical afterwards in every dtype.
+
+The `subtract` mode adds the delta in the weight's dtype and later subtracts it. It needs no
+saved copy but drifts in half precision, because `(w + d) - d` is rounded twice; it is kept as
+a baseline for comparison.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from deltastore.format import DeltaFile, DeltaFormatError, DeltaMetadata, DenseEntry
+
+APPLY_MODES = ("exact", "subtract")
+
+
+@dataclass
+class DecodedTensor:
+    """One delta tensor ready for a device: flat positions (None when dense) and float32 values."""
+
+    name: str
+    indices: torch.Tensor | None  # (nnz,) int64, or None for a dense delta
+    values: torch.Tensor  # (nnz,) float32, or the full shape when dense
+
+    @property
+    def nbytes(self) -> int:
+        index_bytes = 0 if self.indices is None else self.indices.numel() * self.indices.element_size()
+        return index_bytes + self.values.numel() * self.values.element_size()
+
+
+@dataclass
+class DecodedDelta:
+    """A task's whole delta, decoded onto one device."""
+
+    task: str
+    tensors: list[DecodedTensor]
+    device: torch.device
+    nnz: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+@dataclass
+class AppliedDelta:
+    """What `restore` needs to undo one `apply`: the mode and the saved base values."""
+
+    task: str
+    mode: str
+    decoded: DecodedDelta
+    saved: list[torch.Tensor | None] = field(default_factory=list)  # one per decoded tensor
+    restored: bool = False
+
+
+def model_params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Map checkpoint tensor names to the model's parameter tensors, tied weights listed once."""
+    params: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, param in model.state_dict(keep_vars=True).items():
+        key = param.data_ptr()
+        if key in seen:
+            continue  # a tied weight (for example lm_head sharing the input embedding)
+        seen.add(key)
+        params[name] = param
+    return params
+
+
+def check_compatible(metadata: DeltaMetadata, params: Mapping[str, torch.Tensor]) -> None:
+    """Raise DeltaFormatError unless every delta tensor names a parameter of the same shape."""
+    missing = sorted(name for name in metadata.tensors if name not in params)
+    if missing:
+        raise DeltaFormatError(
+            f"delta {metadata.task!r} names tensors the model does not have: {missing[:5]!r}"
+            f"{' and more' if len(missing) > 5 else ''}; it was made for another architecture"
+        )
+    for name, info in metadata.tensors.items():
+        shape = tuple(params[name].shape)
+        if shape != info.shape:
+            raise DeltaFormatError(
+                f"delta {metadata.task!r}: tensor {name!r} has shape {info.shape} but the model's has {shape}"
+            )
+
+
+def decode(delta: DeltaFile, *, device: torch.device | str = "cpu") -> DecodedDelta:
+    """Move a delta file's entries onto `device` as index and float32 value tensors."""
+    device = torch.device(device)
+    tensors = []
+    for name in sorted(delta.entries):
+        entry = delta.entries[name]
+        values = entry.values.to(device=device, dtype=torch.float32)
+        if isinstance(entry, DenseEntry):
+            tensors.append(DecodedTensor(name=name, indices=None, values=values.reshape(entry.shape)))
+        else:
+            tensors.append(DecodedTensor(name=name, indices=entry.indices.to(device=device, dtype=torch.int64), values=values))
+    return DecodedDelta(task=delta.metadata.task, tensors=tensors, device=device, nnz=delta.metadata.nnz)
+
+
+@torch.no_grad()
+def apply(params: Mapping[str, torch.Tensor], decoded: DecodedDelta, *, mode: str = "exact") -> AppliedDelta:
+    """Add `decoded` onto `params` in place and return the record that `restore` needs."""
+    if mode not in APPLY_MODES:
+        raise ValueError(f"invalid apply mode {mode!r}; choose one of {APPLY_MODES}")
+    targets = [_target(params, tensor, decoded) for tensor in decoded.tensors]
+    applied = AppliedDelta(task=decoded.task, mode=mode, decoded=decoded)
+
+    for tensor, weight in zip(decoded.tensors, targets):
+        if tensor.indices is None:
+            if mode == "exact":
+                saved = weight.clone()
+                # Sum in float32 and round once, so the result does not depend on the weight dtype's rounding twice.
+                weight.copy_((saved.float() + tensor.values).to(weight.dtype))
+                applied.saved.append(saved)
+            else:
+                weight.add_(tensor.values.to(weight.dtype))
+                applied.saved.append(None)
+            continue
+
+        flat = weight.view(-1)
+        if mode == "exact":
+            saved = flat.index_select(0, tensor.indices)
+            # Sum in float32 and round once; `saved` keeps the exact base bits for restore.
+            flat.index_copy_(0, tensor.indices, (saved.float() + tensor.values).to(weight.dtype))
+            applied.saved.append(saved)
+        else:
+            flat.index_add_(0, tensor.indices, tensor.values.to(weight.dtype))
+            applied.saved.append(None)
+    return applied
+
+
+@torch.no_grad()
+def restore(params: Mapping[str, torch.Tensor], applied: AppliedDelta) -> None:
+    """Undo one `apply`; in exact mode the weights are bit-identical to the base afterwards."""
+    if applied.restored:
+        raise RuntimeError(f"delta {applied.task!r} was already restored; restoring twice would corrupt the base")
+    for tensor, saved in zip(applied.decoded.tensors, applied.saved):
+        weight = params[tensor.name].data
+        if applied.mode == "exact":
+            if tensor.indices is None:
+                weight.copy_(saved)
+            else:
+                weight.view(-1).index_copy_(0, tensor.indices, saved)
+        elif tensor.indices is None:
+            weight.sub_(tensor.values.to(weight.dtype))
+        else:
+            weight.view(-1).index_add_(0, tensor.indices, tensor.values.to(weight.dtype), alpha=-1)
+    applied.restored = True
+
+
+def _target(params: Mapping[str, torch.Tensor], tensor: DecodedTensor, decoded: DecodedDelta) -> torch.Tensor:
+    if tensor.name not in params:
+        raise DeltaFormatError(f"delta {decoded.task!r} names tensor {tensor.name!r}, which the model does not have")
+    weight = params[tensor.name].data
+    if not weight.is_contiguous():
+        raise ValueError(f"parameter {tensor.name!r} is not contiguous; flat indices need a contiguous tensor")
+    if weight.device != tensor.values.device:
+        raise ValueError(
+            f"delta {decoded.task!r} is decoded on {tensor.values.device} but {tensor.name!r} lives on {weight.device}; "
+            "decode it for the model's device"
+        )
+    if tensor.indices is None and tuple(weight.shape) != tuple(tensor.values.shape):
+        raise DeltaFormatError(f"delta {decoded.task!r}: dense tensor {tensor.name!r} has shape {tuple(tensor.values.shape)}, the model's {tuple(weight.shape)}")
+    return weight
