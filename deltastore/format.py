@@ -99,7 +99,7 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class DeltaMetadata:
-    """Everything a delta file says about itself, readable without loading its arrays."""
+    """The facts a delta file stores about itself, readable without loading its arrays."""
 
     format_version: int
     task: str
@@ -276,7 +276,7 @@ def _encode_entry(name: str, entry: Entry, value_dtype: str) -> tuple[dict[str, 
 def _check_finite(name: str, values: torch.Tensor) -> None:
     if values.numel() and not bool(torch.isfinite(values).all()):
         bad = int((~torch.isfinite(values)).sum())
-        raise ValueError(f"entry {name!r} holds {bad} NaN or infinite values; check the fine-tuned checkpoint")
+        raise ValueError(f"entry {name!r} contains {bad} NaN or infinite values; check the fine-tuned checkpoint")
 
 
 def _checksum(metadata: DeltaMetadata, arrays: Mapping[str, torch.Tensor]) -> str:
