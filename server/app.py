@@ -1,0 +1,252 @@
+"""The FastAPI app: factory, lifespan, and the model, delta and health routes.
+
+The base model, the store and the engine are loaded in the lifespan, never at import, and reach
+handlers through `Depends(get_runtime)`. The completion routes live in server/completions.py.
+
+Delta uploads (`POST /v1/deltas?task=NAME`) take the raw delta file as the request body
+(`Content-Type: application/octet-stream`), so a large file streams to disk without a multipart
+parser. The file is verified in full before the task becomes visible.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from prometheus_client import CONTENT_TYPE_LATEST
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from deltastore.apply import model_params
+from deltastore.checkpoint import CheckpointError, fingerprint
+from deltastore.format import DeltaFormatError
+from server.engine import Engine
+from server.errors import APIError, install_error_handlers
+from server.metrics import Metrics
+from server.protocol import DeltaInfo, DeltaList, ModelCard, ModelList
+from server.residency import Residency
+from server.settings import Placement, Settings, resolve_placement
+from server.store import Store, StoredTask, TaskExists, TaskNotFound
+
+logger = logging.getLogger(__name__)
+
+_UPLOAD_CHUNK = 1 << 20
+
+
+@dataclass
+class Runtime:
+    """Everything the lifespan loads; handlers receive it through `Depends(get_runtime)`."""
+
+    settings: Settings
+    placement: Placement
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    base_name: str
+    base_fingerprint: str
+    context_length: int
+    store: Store
+    residency: Residency
+    engine: Engine
+    metrics: Metrics
+    created: int  # base folder modification time, reported as the models' `created`
+
+
+def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
+    """Load the base model and tokenizer, index the store and build the engine (not started)."""
+    # 1. Device, dtype and the base's identity.
+    placement = resolve_placement(settings)
+    base = Path(settings.base)
+    base_name = settings.base_name or base.resolve().name
+    base_fingerprint = fingerprint(base)
+
+    # 2. The resident model and its tokenizer.
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=placement.dtype)
+    model.to(placement.device).eval()
+    params = model_params(model)
+    text_config = model.config.get_text_config()
+    context_length = int(getattr(text_config, "max_position_embeddings", 0) or tokenizer.model_max_length)
+
+    # 3. Store, residency and the engine that owns the weights.
+    store = Store(
+        Path(settings.store), base_fingerprint=base_fingerprint, params=params, reserved=frozenset({base_name})
+    )
+    store.scan()
+    residency = Residency(
+        store, device=placement.device, device_cache_bytes=settings.device_cache_bytes,
+        cpu_cache_bytes=settings.cpu_cache_bytes, metrics=metrics,
+    )
+    engine = Engine(
+        model=model, tokenizer=tokenizer, params=params, store=store, residency=residency, metrics=metrics,
+        base_name=base_name, swap_mode=settings.swap_mode.value, max_batch_size=settings.max_batch_size,
+        time_slice=settings.time_slice, max_batch_wait=settings.max_batch_wait,
+    )
+    metrics.tasks.set(len(store.tasks()))
+
+    weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
+    logger.info(
+        "base %s (%s): %d parameters, %d bytes, context %d tokens",
+        base_name, base, sum(p.numel() for p in params.values()), weight_bytes, context_length,
+    )
+    logger.info("device %s, dtype %s (%s), swap mode %s", placement.device, placement.dtype, placement.reason,
+                settings.swap_mode.value)
+    logger.info("store %s: %d tasks, %d bytes", store.folder, len(store.tasks()), store.total_bytes())
+    return Runtime(
+        settings=settings, placement=placement, model=model, tokenizer=tokenizer, base_name=base_name,
+        base_fingerprint=base_fingerprint, context_length=context_length, store=store, residency=residency,
+        engine=engine, metrics=metrics, created=int(base.stat().st_mtime),
+    )
+
+
+def get_runtime(request: Request) -> Runtime:
+    """Return the loaded runtime, or answer 503 while the server starts or stops."""
+    runtime = getattr(request.app.state, "runtime", None)
+    if runtime is None or not runtime.engine.running:
+        raise APIError(503, "the server is not ready: the base model is loading or the engine has stopped")
+    return runtime
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the app; the base model loads when the lifespan starts."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            runtime = await asyncio.to_thread(load_runtime, settings, metrics)
+        except (CheckpointError, OSError, ValueError) as e:
+            logger.error("cannot load the base model from %s: %s", settings.base, e)
+            raise
+        runtime.engine.start()
+        app.state.runtime = runtime
+        logger.info("ready: serving %s and %d tasks", runtime.base_name, len(runtime.store.tasks()))
+        try:
+            yield
+        finally:
+            app.state.runtime = None
+            await asyncio.to_thread(runtime.engine.stop)
+
+    app = FastAPI(title="deltamux", lifespan=lifespan)
+    app.state.runtime = None
+    app.state.metrics = metrics
+    install_error_handlers(app)
+
+    from server.completions import router as completions_router  # noqa: PLC0415 (avoids an import cycle)
+
+    app.include_router(completions_router)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready(request: Request) -> Response:
+        runtime = getattr(request.app.state, "runtime", None)
+        if runtime is None or not runtime.engine.running:
+            raise APIError(503, "not ready: the base model is loading or the engine has stopped")
+        return Response(content='{"status":"ready"}', media_type="application/json")
+
+    @app.get("/metrics")
+    async def metrics_route() -> Response:
+        return Response(content=metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models(runtime: Runtime = Depends(get_runtime)) -> ModelList:
+        cards = [ModelCard(id=runtime.base_name, created=runtime.created)]
+        cards += [
+            ModelCard(id=entry.task, created=_created(entry), delta=_delta_info(entry).model_dump())
+            for entry in runtime.store.tasks()
+        ]
+        return ModelList(data=cards)
+
+    @app.get("/v1/deltas", response_model=DeltaList)
+    async def list_deltas(runtime: Runtime = Depends(get_runtime)) -> DeltaList:
+        return DeltaList(data=[_delta_info(entry) for entry in runtime.store.tasks()])
+
+    @app.post("/v1/deltas", status_code=201, response_model=DeltaInfo)
+    async def upload_delta(
+        request: Request,
+        task: str = Query(description="Task name the delta is served under; must match the file's metadata."),
+        runtime: Runtime = Depends(get_runtime),
+    ) -> DeltaInfo:
+        entry = await _receive_delta(request, task=task, runtime=runtime)
+        runtime.metrics.tasks.set(len(runtime.store.tasks()))
+        return _delta_info(entry)
+
+    @app.delete("/v1/deltas/{task}")
+    async def delete_delta(task: str, runtime: Runtime = Depends(get_runtime)) -> dict:
+        if task == runtime.base_name:
+            raise APIError(400, f"{task!r} is the base model and cannot be deleted", param="task")
+        try:
+            runtime.store.delete(task)
+        except TaskNotFound as e:
+            raise APIError(404, str(e), param="task", code="model_not_found") from e
+        # The file is gone first, so no new request can reach the task; then queued ones fail.
+        dropped = runtime.engine.drop_task(task)
+        runtime.residency.evict(task)
+        runtime.metrics.tasks.set(len(runtime.store.tasks()))
+        return {"id": task, "object": "delta", "deleted": True, "failed_queued_requests": dropped}
+
+    return app
+
+
+async def _receive_delta(request: Request, *, task: str, runtime: Runtime) -> StoredTask:
+    """Stream the request body into the store, then verify and publish it as `task`."""
+    limit = runtime.settings.max_upload_bytes
+
+    # 1. Reject a bad name or a taken one before reading the body.
+    try:
+        runtime.store.check_new_name(task)
+    except TaskExists as e:
+        raise APIError(409, str(e), param="task", code="task_exists") from e
+    except ValueError as e:
+        raise APIError(400, str(e), param="task", code="invalid_task_name") from e
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise APIError(413, f"the delta file is {declared} bytes; the limit is {limit} bytes (max_upload_bytes)")
+
+    # 2. Stream to a hidden temporary file in the store folder.
+    fd, upload = runtime.store.new_upload()
+    try:
+        size = 0
+        with os.fdopen(fd, "wb") as handle:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise APIError(413, f"the delta file is larger than the {limit}-byte limit (max_upload_bytes)")
+                handle.write(chunk)
+        if size == 0:
+            raise APIError(400, "the request body is empty; send the delta file's bytes as the body", param="body")
+
+        # 3. Verify in full (checksum, base fingerprint, names and shapes), then publish.
+        try:
+            return await run_in_threadpool(runtime.store.register, task, upload)
+        except TaskExists as e:
+            raise APIError(409, str(e), param="task", code="task_exists") from e
+        except DeltaFormatError as e:
+            raise APIError(422, f"invalid delta file: {e}", param="body", code="invalid_delta") from e
+    finally:
+        upload.unlink(missing_ok=True)
+
+
+def _delta_info(entry: StoredTask) -> DeltaInfo:
+    metadata = entry.metadata
+    return DeltaInfo(
+        task=entry.task, method=metadata.method, params=metadata.params, base_fingerprint=metadata.base_fingerprint,
+        nnz=metadata.nnz, nbytes=metadata.nbytes, file_bytes=entry.file_bytes, created=metadata.created,
+        format_version=metadata.format_version,
+    )
+
+
+def _created(entry: StoredTask) -> int:
+    try:
+        return int(datetime.fromisoformat(entry.metadata.created).timestamp())
+    except ValueError:
+        return int(entry.path.stat().st_mtime) if entry.path.exists() else 0

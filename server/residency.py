@@ -1,0 +1,167 @@
+"""Where each task's delta lives between uses: the model's device, CPU memory, or disk.
+
+- device tier: `DecodedDelta`s (int64 indices, float32 values) on the model's device, ready for
+  `apply`; least recently used first out when over `device_cache_bytes`;
+- CPU tier: verified `DeltaFile`s in CPU memory under `cpu_cache_bytes`, so a delta evicted from
+  the device skips the disk read and checksum when it comes back;
+- disk: the store's file, read and verified in full on a miss of both tiers.
+
+When the model runs on the CPU the device tier already lives in CPU memory, so the CPU tier is
+switched off rather than holding a second copy.
+
+Entries are keyed by (task, version): a task deleted and registered again never hits an old entry.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+
+from deltastore.apply import DecodedDelta, decode
+from deltastore.format import DeltaFile
+from server.metrics import STAGE_COPY_TO_DEVICE, STAGE_DISK_LOAD, Metrics
+from server.store import Store, StoredTask
+
+logger = logging.getLogger(__name__)
+
+TIER_DEVICE = "device"
+TIER_CPU = "cpu"
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """A decoded delta and what it cost to get it (0 for stages a cache hit skipped)."""
+
+    decoded: DecodedDelta
+    tier: str  # where it was found: device, cpu or disk
+    disk_load_s: float
+    copy_s: float
+
+
+@dataclass
+class _Tier:
+    name: str
+    budget: int
+    items: OrderedDict[tuple[str, int], tuple[object, int]]  # (task, version) -> (delta, bytes), LRU first
+    used: int = 0
+
+
+def _delta_file_bytes(delta: DeltaFile) -> int:
+    total = 0
+    for entry in delta.entries.values():
+        total += entry.values.numel() * entry.values.element_size()
+        indices = getattr(entry, "indices", None)
+        if indices is not None:
+            total += indices.numel() * indices.element_size()
+    return total
+
+
+def synchronize(device: torch.device) -> None:
+    # CUDA copies and kernels are asynchronous; wait so stage times measure the work itself.
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Residency:
+    """Two LRU tiers in front of the store; `fetch` is called by the engine thread only."""
+
+    def __init__(
+        self, store: Store, *, device: torch.device, device_cache_bytes: int, cpu_cache_bytes: int, metrics: Metrics
+    ) -> None:
+        self.store = store
+        self.device = device
+        self.metrics = metrics
+        cpu_budget = 0 if device.type == "cpu" else cpu_cache_bytes
+        self._device = _Tier(TIER_DEVICE, device_cache_bytes, OrderedDict())
+        self._cpu = _Tier(TIER_CPU, cpu_budget, OrderedDict())
+        self._lock = threading.Lock()  # `evict` runs on request handler threads
+
+    def fetch(self, entry: StoredTask) -> Fetched:
+        """Return `entry`'s delta decoded on the model's device, loading it from a lower tier if needed."""
+        key = (entry.task, entry.version)
+
+        # 1. Device tier: ready to apply.
+        with self._lock:
+            hit = self._device.items.get(key)
+            if hit is not None:
+                self._device.items.move_to_end(key)
+        if hit is not None:
+            self.metrics.delta_hits.labels(tier=TIER_DEVICE).inc()
+            return Fetched(decoded=hit[0], tier=TIER_DEVICE, disk_load_s=0.0, copy_s=0.0)
+
+        # 2. CPU tier, else a full read and verification from disk.
+        with self._lock:
+            cpu_hit = self._cpu.items.get(key)
+            if cpu_hit is not None:
+                self._cpu.items.move_to_end(key)
+        disk_load_s = 0.0
+        if cpu_hit is not None:
+            delta: DeltaFile = cpu_hit[0]
+            tier = TIER_CPU
+            self.metrics.delta_hits.labels(tier=TIER_CPU).inc()
+        else:
+            start = time.perf_counter()
+            delta = self.store.read(entry)
+            disk_load_s = time.perf_counter() - start
+            tier = "disk"
+            self.metrics.observe_stage(STAGE_DISK_LOAD, disk_load_s)
+            self._insert(self._cpu, key, delta, _delta_file_bytes(delta))
+
+        # 3. Decode onto the model's device.
+        start = time.perf_counter()
+        decoded = decode(delta, device=self.device)
+        synchronize(self.device)
+        copy_s = time.perf_counter() - start
+        self.metrics.observe_stage(STAGE_COPY_TO_DEVICE, copy_s)
+        self.metrics.delta_loads.labels(tier=TIER_DEVICE).inc()
+        self._insert(self._device, key, decoded, decoded.nbytes)
+        logger.info(
+            "loaded delta %s from %s: nnz %d, %d device bytes, disk %.1f ms, copy %.1f ms",
+            entry.task, tier, decoded.nnz, decoded.nbytes, disk_load_s * 1e3, copy_s * 1e3,
+        )
+        return Fetched(decoded=decoded, tier=tier, disk_load_s=disk_load_s, copy_s=copy_s)
+
+    def evict(self, task: str) -> None:
+        """Drop every cached version of `task` from both tiers."""
+        with self._lock:
+            for tier in (self._device, self._cpu):
+                for key in [key for key in tier.items if key[0] == task]:
+                    self._drop(tier, key, reason="deleted")
+
+    def resident(self, tier_name: str) -> list[str]:
+        """Return the tasks held in a tier, least recently used first."""
+        tier = self._device if tier_name == TIER_DEVICE else self._cpu
+        with self._lock:
+            return [task for task, _ in tier.items]
+
+    def _insert(self, tier: _Tier, key: tuple[str, int], delta: object, nbytes: int) -> None:
+        if nbytes > tier.budget:
+            if tier.budget > 0:
+                logger.warning(
+                    "delta %s needs %d bytes, more than the whole %s cache (%d bytes); it is not cached",
+                    key[0], nbytes, tier.name, tier.budget,
+                )
+            return
+        with self._lock:
+            while tier.used + nbytes > tier.budget and tier.items:
+                self._drop(tier, next(iter(tier.items)), reason="over budget")
+            tier.items[key] = (delta, nbytes)
+            tier.used += nbytes
+            if tier.name == TIER_CPU:
+                self.metrics.delta_loads.labels(tier=TIER_CPU).inc()
+            self.metrics.cache_bytes.labels(tier=tier.name).set(tier.used)
+
+    def _drop(self, tier: _Tier, key: tuple[str, int], *, reason: str) -> None:
+        # Caller holds the lock. The engine may still hold an evicted delta while it is applied;
+        # its memory is freed when the engine restores it.
+        delta, nbytes = tier.items.pop(key)
+        tier.used -= nbytes
+        self.metrics.delta_evictions.labels(tier=tier.name).inc()
+        self.metrics.cache_bytes.labels(tier=tier.name).set(tier.used)
+        nnz = delta.nnz if isinstance(delta, DecodedDelta) else delta.metadata.nnz
+        logger.info("evicted delta %s from the %s cache (%s): nnz %d, %d bytes", key[0], tier.name, reason, nnz, nbytes)

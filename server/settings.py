@@ -1,0 +1,102 @@
+"""Server settings, read from keyword arguments, the environment (prefix DELTAMUX_) or the CLI."""
+
+from __future__ import annotations
+
+import enum
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+logger = logging.getLogger(__name__)
+
+
+class DeviceChoice(enum.StrEnum):
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class DtypeChoice(enum.StrEnum):
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class SwapMode(enum.StrEnum):
+    """How a task's delta is put on the resident weights (see deltastore.apply)."""
+
+    EXACT = "exact"  # save the base values, write base + delta; restore is bit-exact
+    SUBTRACT = "subtract"  # add the delta, subtract it again; drifts in half precision
+
+
+_TORCH_DTYPES = {
+    DtypeChoice.FLOAT32: torch.float32,
+    DtypeChoice.BFLOAT16: torch.bfloat16,
+    DtypeChoice.FLOAT16: torch.float16,
+}
+
+
+class Settings(BaseSettings):
+    """Everything `deltamux serve` can be told; each field also reads DELTAMUX_<NAME>."""
+
+    model_config = SettingsConfigDict(env_prefix="DELTAMUX_", extra="forbid")
+
+    base: Path = Field(description="Hugging Face folder of the base model (config, safetensors, tokenizer).")
+    store: Path = Field(description="Folder of <task>.delta.safetensors files; created if missing.")
+    device: DeviceChoice = Field(DeviceChoice.AUTO, description="Where the model runs: auto picks cuda when available.")
+    dtype: DtypeChoice = Field(DtypeChoice.AUTO, description="Weight dtype: auto is bfloat16 on CUDA and float32 on CPU.")
+    host: str = Field("127.0.0.1", description="Address uvicorn binds to.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port uvicorn binds to.")
+    max_batch_size: int = Field(8, ge=1, le=1024, description="Maximum same-task requests generated together.")
+    time_slice: float = Field(
+        0.5, gt=0, description="Seconds the engine keeps serving one task while other tasks have requests waiting."
+    )
+    max_batch_wait: float = Field(
+        0.005,
+        ge=0,
+        description="Seconds the engine waits for more same-task requests before it starts a partial batch.",
+    )
+    device_cache_bytes: int = Field(
+        2 << 30, ge=0, description="Byte budget for decoded deltas kept on the model's device."
+    )
+    cpu_cache_bytes: int = Field(4 << 30, ge=0, description="Byte budget for delta files kept in CPU memory.")
+    swap_mode: SwapMode = Field(SwapMode.EXACT, description="exact (bit-exact restore) or subtract (baseline).")
+    max_tokens_default: int = Field(
+        256, ge=1, description="Completion tokens generated when a request sets no max_tokens."
+    )
+    max_upload_bytes: int = Field(16 << 30, ge=1, description="Largest delta file POST /v1/deltas accepts.")
+    base_name: str | None = Field(
+        None, description="Model id that serves the base itself; defaults to the base folder's name."
+    )
+    log_level: str = Field("INFO", description="Logging level of the entry point (DEBUG, INFO, WARNING, ...).")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """The device and dtype the model is loaded with, and why that dtype."""
+
+    device: torch.device
+    dtype: torch.dtype
+    reason: str
+
+
+def resolve_placement(settings: Settings) -> Placement:
+    """Turn the auto choices into a concrete device and dtype."""
+    cuda = torch.cuda.is_available()
+    if settings.device == DeviceChoice.CUDA and not cuda:
+        raise ValueError("device 'cuda' was requested but torch.cuda.is_available() is False; use --device cpu or auto")
+    use_cuda = settings.device == DeviceChoice.CUDA or (settings.device == DeviceChoice.AUTO and cuda)
+    device = torch.device("cuda") if use_cuda else torch.device("cpu")
+
+    if settings.dtype != DtypeChoice.AUTO:
+        return Placement(device=device, dtype=_TORCH_DTYPES[settings.dtype], reason="set explicitly")
+    if device.type == "cuda":
+        reason = "auto: bfloat16 on CUDA halves weight memory and keeps float32's exponent range"
+        return Placement(device=device, dtype=torch.bfloat16, reason=reason)
+    reason = "auto: float32 on CPU, where half-precision matmuls are slow and batched greedy output stays exact"
+    return Placement(device=device, dtype=torch.float32, reason=reason)

@@ -1,0 +1,236 @@
+"""The delta store: a folder of `<task>.delta.safetensors` files made for one base.
+
+The store lists tasks from the files' metadata headers and skips (with a warning) any file made
+for another base, whose header is invalid, or whose tensors do not fit the model. Registration
+writes the upload to a hidden temporary file in the same folder, reads it in full (checksum,
+base fingerprint, tensor names and shapes) and only then renames it into place, so a task becomes
+visible complete or not at all.
+
+Each registration gets a new `version`; the engine and the residency cache key on
+(task, version), so a task deleted and registered again under the same name never runs with the
+old delta.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deltastore.apply import check_compatible
+from deltastore.format import (
+    FILE_SUFFIX,
+    DeltaFile,
+    DeltaFormatError,
+    DeltaMetadata,
+    delta_file_name,
+    read_delta,
+    read_metadata,
+    validate_task_name,
+)
+
+logger = logging.getLogger(__name__)
+
+UPLOAD_PREFIX = ".upload-"  # temporary upload files; hidden, and never end in FILE_SUFFIX
+
+
+class TaskNotFound(LookupError):
+    """No delta file for this task is in the store."""
+
+    def __init__(self, task: str) -> None:
+        super().__init__(f"task {task!r} is not in the delta store; list the tasks with GET /v1/models")
+        self.task = task
+
+
+class TaskExists(ValueError):
+    """A task of this name is already registered (or the name is the base's)."""
+
+    def __init__(self, task: str, *, reason: str = "is already registered") -> None:
+        super().__init__(f"task {task!r} {reason}; delete it first or choose another name")
+        self.task = task
+
+
+@dataclass(frozen=True)
+class StoredTask:
+    """One usable delta file of the store."""
+
+    task: str
+    path: Path
+    metadata: DeltaMetadata
+    file_bytes: int
+    version: int
+
+
+class Store:
+    """Index of the usable delta files in `folder`; safe to call from several threads."""
+
+    def __init__(
+        self, folder: Path, *, base_fingerprint: str, params: Mapping[str, torch.Tensor], reserved: frozenset[str]
+    ) -> None:
+        self.folder = Path(folder)
+        self.base_fingerprint = base_fingerprint
+        self._params = params  # only names and shapes are read, never values
+        self._reserved = reserved  # model ids a task may not take (the base's)
+        self._tasks: dict[str, StoredTask] = {}
+        self._lock = threading.Lock()
+        self._versions = itertools.count(1)
+
+    # -- listing ---------------------------------------------------------------------------
+
+    def scan(self) -> None:
+        """Rebuild the index from the folder; leftover temporary uploads are removed."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        found: dict[str, StoredTask] = {}
+        for path in sorted(self.folder.iterdir()):
+            if path.name.startswith(UPLOAD_PREFIX):
+                logger.info("removing an unfinished upload %s", path.name)
+                path.unlink(missing_ok=True)
+                continue
+            if not path.name.endswith(FILE_SUFFIX) or not path.is_file():
+                continue
+            entry = self._index_file(path)
+            if entry is not None:
+                found[entry.task] = entry
+        with self._lock:
+            self._tasks = found
+        logger.info("delta store %s: %d tasks, %d bytes", self.folder, len(found), self.total_bytes())
+
+    def tasks(self) -> list[StoredTask]:
+        with self._lock:
+            return [self._tasks[name] for name in sorted(self._tasks)]
+
+    def get(self, task: str) -> StoredTask:
+        """Return the stored task, picking up a file copied into the folder since the last scan."""
+        with self._lock:
+            entry = self._tasks.get(task)
+        if entry is not None:
+            return entry
+        try:
+            path = self.folder / delta_file_name(task)
+        except ValueError as e:
+            raise TaskNotFound(task) from e
+        if task in self._reserved or not path.is_file():
+            raise TaskNotFound(task)
+        entry = self._index_file(path)
+        if entry is None:
+            raise TaskNotFound(task)
+        with self._lock:
+            return self._tasks.setdefault(task, entry)
+
+    def total_bytes(self) -> int:
+        with self._lock:
+            return sum(entry.file_bytes for entry in self._tasks.values())
+
+    def read(self, entry: StoredTask) -> DeltaFile:
+        """Read and verify a stored delta in full (checksum and base fingerprint)."""
+        return read_delta(entry.path, expected_fingerprint=self.base_fingerprint)
+
+    # -- registration ----------------------------------------------------------------------
+
+    def check_new_name(self, task: str) -> str:
+        """Raise ValueError for an invalid name and TaskExists for a taken one."""
+        validate_task_name(task)
+        if task in self._reserved:
+            raise TaskExists(task, reason="is the base model's id")
+        with self._lock:
+            taken = task in self._tasks
+        if taken or (self.folder / delta_file_name(task)).exists():
+            raise TaskExists(task)
+        return task
+
+    def new_upload(self) -> tuple[int, Path]:
+        """Open a hidden temporary file in the store folder; return its descriptor and path."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(dir=self.folder, prefix=UPLOAD_PREFIX, suffix=".tmp")
+        return fd, Path(name)
+
+    def register(self, task: str, upload: Path) -> StoredTask:
+        """Verify the uploaded file in full and publish it as `task`; the upload is consumed either way."""
+        try:
+            self.check_new_name(task)
+
+            # 1. Full read: header, checksum and base fingerprint; then names and shapes.
+            delta = read_delta(upload, expected_fingerprint=self.base_fingerprint)
+            metadata = delta.metadata
+            del delta
+            if metadata.task != task:
+                raise DeltaFormatError(
+                    f"the file's metadata names task {metadata.task!r}, not {task!r}; "
+                    f"upload it as {metadata.task!r} or compress it again under the new name"
+                )
+            check_compatible(metadata, self._params)
+
+            # 2. Publish under the lock, so two uploads of one name cannot both win.
+            path = self.folder / delta_file_name(task)
+            with self._lock:
+                if task in self._tasks or path.exists():
+                    raise TaskExists(task)
+                os.replace(upload, path)
+                entry = StoredTask(
+                    task=task, path=path, metadata=metadata, file_bytes=path.stat().st_size,
+                    version=next(self._versions),
+                )
+                self._tasks[task] = entry
+            _fsync_folder(self.folder)
+        finally:
+            upload.unlink(missing_ok=True)
+        logger.info(
+            "registered task %s: method %s, nnz %d, %d bytes", task, metadata.method, metadata.nnz, entry.file_bytes
+        )
+        return entry
+
+    def delete(self, task: str) -> StoredTask:
+        """Remove the task's file and index entry; raise TaskNotFound if it is not stored."""
+        entry = self.get(task)
+        with self._lock:
+            self._tasks.pop(task, None)
+        entry.path.unlink(missing_ok=True)
+        logger.info("deleted task %s (%s)", task, entry.path.name)
+        return entry
+
+    def forget(self, task: str) -> None:
+        """Drop a task from the index whose file has disappeared from the folder."""
+        with self._lock:
+            self._tasks.pop(task, None)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _index_file(self, path: Path) -> StoredTask | None:
+        """Check one file's header against the base; log and return None when it is unusable."""
+        try:
+            metadata = read_metadata(path)
+            if metadata.base_fingerprint != self.base_fingerprint:
+                logger.warning(
+                    "skipping %s: made for base %s, but the base in use is %s",
+                    path.name, metadata.base_fingerprint, self.base_fingerprint,
+                )
+                return None
+            if path.name != delta_file_name(metadata.task):
+                logger.warning("skipping %s: its metadata names task %r", path.name, metadata.task)
+                return None
+            if metadata.task in self._reserved:
+                logger.warning("skipping %s: task %r is the base model's id", path.name, metadata.task)
+                return None
+            check_compatible(metadata, self._params)
+        except (DeltaFormatError, OSError) as e:
+            logger.warning("skipping %s: %s", path.name, e)
+            return None
+        return StoredTask(
+            task=metadata.task, path=path, metadata=metadata, file_bytes=path.stat().st_size,
+            version=next(self._versions),
+        )
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
