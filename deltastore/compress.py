@@ -1,0 +1,408 @@
+"""The compression pipeline: a base and a fine-tuned checkpoint in, one task's delta file out.
+
+Both checkpoints are read one tensor at a time and each delta is computed in float32, so peak
+memory is the kept entries plus a few tensors, never two whole models. By default the 2-D weights
+of attention and MLP linear layers are pruned with the chosen method. Every other tensor that
+changed (norms, biases, embeddings) is stored dense (`other_tensors="exact"`) or left out
+(`"drop"`), and tensors equal in both checkpoints are skipped.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from deltastore import methods
+from deltastore.calibration import read_calibration, read_validation
+from deltastore.checkpoint import Checkpoint, fingerprint
+from deltastore.format import VALUE_DTYPES, DeltaMetadata, DenseEntry, Entry, SparseEntry, delta_file_name, validate_task_name, write_delta
+
+logger = logging.getLogger(__name__)
+
+# Tensor-name patterns of the linear weights that are pruned by default: Llama / Mistral / Qwen
+# names first, then the equivalents in GPT-2, GPT-NeoX / Falcon, Phi and Mixtral-style checkpoints.
+DEFAULT_PRUNED_PATTERNS: tuple[str, ...] = (
+    "*.q_proj.weight",
+    "*.k_proj.weight",
+    "*.v_proj.weight",
+    "*.o_proj.weight",
+    "*.qkv_proj.weight",
+    "*.gate_proj.weight",
+    "*.up_proj.weight",
+    "*.down_proj.weight",
+    "*.gate_up_proj.weight",
+    "*.attn.c_attn.weight",
+    "*.attn.c_proj.weight",
+    "*.mlp.c_fc.weight",
+    "*.mlp.c_proj.weight",
+    "*.query_key_value.weight",
+    "*.attention.dense.weight",
+    "*.self_attention.dense.weight",
+    "*.dense_h_to_4h.weight",
+    "*.dense_4h_to_h.weight",
+    "*.mlp.fc1.weight",
+    "*.mlp.fc2.weight",
+    "*.self_attn.dense.weight",
+    "*.experts.*.w1.weight",
+    "*.experts.*.w2.weight",
+    "*.experts.*.w3.weight",
+)
+
+# Output-embedding names that share storage with the input embedding when the config ties them.
+TIED_OUTPUT_NAMES: tuple[str, ...] = ("lm_head.weight",)
+
+# What happens to a changed tensor that is not pruned: stored dense, or left out of the delta.
+OTHER_TENSOR_POLICIES: tuple[str, ...] = ("exact", "drop")
+
+
+class CompressError(ValueError):
+    """The inputs of a compression do not fit together (names, shapes, values or options)."""
+
+
+@dataclass(frozen=True)
+class CompressOptions:
+    """Everything that decides what a compression writes, checked when the record is built."""
+
+    task: str
+    method: str
+    drop_rate: float
+    seed: int = 0
+    q: float | None = None
+    q_select: str | None = None
+    calibration: Path | None = None
+    validation: Path | None = None
+    other_tensors: str = "exact"
+    # Patterns of tensor names to prune; None means DEFAULT_PRUNED_PATTERNS.
+    include: tuple[str, ...] | None = None
+    # Patterns of tensor names never pruned; they follow `other_tensors` instead.
+    exclude: tuple[str, ...] = ()
+    value_dtype: str = "float16"
+    rescale: bool = False
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        validate_task_name(self.task)
+        method = methods.get_method(self.method)
+        object.__setattr__(self, "drop_rate", methods.validate_drop_rate(self.drop_rate))
+        if self.q is not None and self.q_select is not None:
+            raise CompressError(f"pass either q ({self.q!r}) or a q selector ({self.q_select!r}), not both")
+        if (self.q is not None or self.q_select is not None) and not method.needs_q:
+            raise CompressError(f"q and q selection apply to darex-q only, not to method {self.method!r}")
+        if self.q is not None:
+            object.__setattr__(self, "q", methods.validate_q(self.q, self.drop_rate))
+        if method.needs_q and self.q is None and self.q_select is None:
+            raise CompressError(
+                f"darex-q needs q in [{1 - self.drop_rate:g}, 1] or a q selector "
+                "('validation' with a labelled file, 'output-change' with calibration text)"
+            )
+        self._check_inputs(method)
+        if self.other_tensors not in OTHER_TENSOR_POLICIES:
+            raise CompressError(
+                f"invalid other-tensors policy {self.other_tensors!r}; choose one of {', '.join(OTHER_TENSOR_POLICIES)}"
+            )
+        if self.value_dtype not in VALUE_DTYPES:
+            raise CompressError(f"invalid value dtype {self.value_dtype!r}; choose one of {', '.join(VALUE_DTYPES)}")
+
+    def _check_inputs(self, method: methods.PruningMethod) -> None:
+        from deltastore.qselect import Q_SELECTORS
+
+        if self.q_select is not None and self.q_select not in Q_SELECTORS:
+            raise CompressError(f"invalid q selector {self.q_select!r}; choose one of {', '.join(Q_SELECTORS)}")
+        if self.q_select == "validation" and self.validation is None:
+            raise CompressError("q selection 'validation' needs a labelled validation file (JSONL with prompt, completion)")
+        if (self.q_select == "output-change" or method.needs_input_norms) and self.calibration is None:
+            needer = "q selection 'output-change'" if self.q_select == "output-change" else f"method {self.method!r}"
+            raise CompressError(f"{needer} needs a calibration text file (one sample per line, or JSONL with 'text')")
+
+    @property
+    def pruned_patterns(self) -> tuple[str, ...]:
+        return DEFAULT_PRUNED_PATTERNS if self.include is None else self.include
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """Which checkpoint tensors are pruned, which are other tensors, and which are left out."""
+
+    pruned: list[str]
+    other: list[str]
+    # Tied output embeddings, read through the input embedding instead.
+    tied: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking and planning
+
+
+def open_pair(base: str | Path, finetuned: str | Path) -> tuple[Checkpoint, Checkpoint]:
+    """Open a base and a fine-tuned checkpoint and raise unless they have the same tensors and shapes."""
+    base_checkpoint = Checkpoint.open(base)
+    finetuned_checkpoint = Checkpoint.open(finetuned)
+
+    base_type = base_checkpoint.config.get("model_type")
+    finetuned_type = finetuned_checkpoint.config.get("model_type")
+    if base_type and finetuned_type and base_type != finetuned_type:
+        raise CompressError(
+            f"base {str(base)!r} is a {base_type!r} model but fine-tune {str(finetuned)!r} is a {finetuned_type!r} model; "
+            "compress a fine-tune against the base it was trained from"
+        )
+
+    tied = base_checkpoint.tied_embeddings
+    base_names = set(_untied_names(base_checkpoint.names, tied=tied))
+    finetuned_names = set(_untied_names(finetuned_checkpoint.names, tied=tied))
+    if base_names != finetuned_names:
+        only_base = sorted(base_names - finetuned_names)
+        only_finetuned = sorted(finetuned_names - base_names)
+        raise CompressError(
+            f"base and fine-tune hold different tensors (only in base: {only_base[:5]!r}, only in fine-tune: "
+            f"{only_finetuned[:5]!r}); they must share one architecture"
+        )
+    for name in sorted(base_names):
+        base_shape = base_checkpoint.shape(name)
+        finetuned_shape = finetuned_checkpoint.shape(name)
+        if base_shape != finetuned_shape:
+            raise CompressError(
+                f"tensor {name!r} has shape {base_shape} in the base but {finetuned_shape} in the fine-tune "
+                "(a resized vocabulary?); deltamux needs the fine-tune to keep every base shape"
+            )
+    return base_checkpoint, finetuned_checkpoint
+
+
+def _untied_names(names: Sequence[str], *, tied: bool) -> list[str]:
+    if not tied:
+        return list(names)
+    return [name for name in names if name not in TIED_OUTPUT_NAMES]
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def plan_tensors(checkpoint: Checkpoint, options: CompressOptions) -> TensorPlan:
+    """Sort the tensors of `checkpoint` into pruned and other tensors according to `options`."""
+    tied = [name for name in checkpoint.names if checkpoint.tied_embeddings and name in TIED_OUTPUT_NAMES]
+    pruned, other = [], []
+    for name in _untied_names(checkpoint.names, tied=checkpoint.tied_embeddings):
+        prunable = len(checkpoint.shape(name)) == 2 and checkpoint.dtype(name).is_floating_point
+        if prunable and _matches(name, options.pruned_patterns) and not _matches(name, options.exclude):
+            pruned.append(name)
+        else:
+            other.append(name)
+    if not pruned:
+        logger.warning("no tensor matches the pruned patterns %s; every changed tensor is an other tensor", options.pruned_patterns)
+    return TensorPlan(pruned=pruned, other=other, tied=tied)
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming deltas
+
+
+@dataclass(frozen=True)
+class TensorDelta:
+    """One changed tensor's float32 delta and whether the plan prunes it."""
+
+    name: str
+    delta: torch.Tensor
+    pruned: bool
+
+
+def iter_deltas(
+    base_checkpoint: Checkpoint,
+    finetuned_checkpoint: Checkpoint,
+    plan: TensorPlan,
+    *,
+    other_tensors: str,
+    description: str = "compress",
+) -> Iterator[TensorDelta]:
+    """Yield the float32 delta of every changed tensor that the plan keeps, one tensor at a time.
+
+    Raises CompressError on the first fine-tuned tensor with NaN or infinite values, because its
+    delta would be meaningless.
+    """
+    names = plan.pruned + (plan.other if other_tensors == "exact" else [])
+    pruned = set(plan.pruned)
+    for name in tqdm(sorted(names), desc=description, unit="tensor", leave=False):
+        finetuned_tensor = finetuned_checkpoint.get(name)
+        if finetuned_tensor.is_floating_point() and not bool(torch.isfinite(finetuned_tensor).all()):
+            bad = int((~torch.isfinite(finetuned_tensor)).sum())
+            raise CompressError(
+                f"fine-tuned tensor {name!r} in {str(finetuned_checkpoint.folder)!r} holds {bad} NaN or infinite values; "
+                "fix or re-export the fine-tune"
+            )
+        base_tensor = base_checkpoint.get(name)
+        if torch.equal(base_tensor, finetuned_tensor):
+            continue
+
+        # Deltas in float32: fine-tuning changes are often below the half-precision step of the weight.
+        delta = finetuned_tensor.to(torch.float32) - base_tensor.to(torch.float32)
+        del base_tensor, finetuned_tensor
+        yield TensorDelta(name=name, delta=delta, pruned=name in pruned)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+
+
+def compress(
+    *,
+    base: str | Path,
+    finetuned: str | Path,
+    task: str,
+    store: str | Path,
+    method: str,
+    drop_rate: float,
+    seed: int = 0,
+    q: float | None = None,
+    q_select: str | None = None,
+    calibration: str | Path | None = None,
+    validation: str | Path | None = None,
+    other_tensors: str = "exact",
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    value_dtype: str = "float16",
+    rescale: bool = False,
+    device: str = "cpu",
+) -> DeltaMetadata:
+    """Compress `finetuned` against `base` and write `<store>/<task>.delta.safetensors`.
+
+    Raises a ValueError subclass (CompressError, CheckpointError, CalibrationError,
+    PruningParameterError) before anything is written when an input is invalid.
+    """
+    options = CompressOptions(
+        task=task,
+        method=method,
+        drop_rate=drop_rate,
+        seed=int(seed),
+        q=q,
+        q_select=q_select,
+        calibration=None if calibration is None else Path(calibration),
+        validation=None if validation is None else Path(validation),
+        other_tensors=other_tensors,
+        include=None if include is None else tuple(include),
+        exclude=tuple(exclude or ()),
+        value_dtype=value_dtype,
+        rescale=rescale,
+        device=device,
+    )
+    return run_compression(base=Path(base), finetuned=Path(finetuned), store=Path(store), options=options)
+
+
+def run_compression(*, base: Path, finetuned: Path, store: Path, options: CompressOptions) -> DeltaMetadata:
+    """Run a compression described by a checked `CompressOptions` record."""
+    from deltastore import qselect
+
+    # 1. Read the small inputs first, so a bad file fails before any heavy work.
+    calibration_texts = read_calibration(options.calibration) if options.calibration else None
+    validation_samples = read_validation(options.validation) if options.validation else None
+    if store.exists() and not store.is_dir():
+        raise CompressError(f"store path {str(store)!r} is a file; pass a folder for delta files")
+
+    # 2. Check that the two checkpoints fit together and decide what happens to each tensor.
+    base_checkpoint, finetuned_checkpoint = open_pair(base, finetuned)
+    plan = plan_tensors(base_checkpoint, options)
+    base_fingerprint = fingerprint(base)
+    logger.info(
+        "compressing %s against %s: %d pruned tensors, %d other tensors (%s), method %s, drop rate %s",
+        finetuned, base, len(plan.pruned), len(plan.other), options.other_tensors, options.method, options.drop_rate,
+    )
+
+    # 3. WANDA needs the input feature norms of every linear layer over the calibration text.
+    input_norms: dict[str, torch.Tensor] = {}
+    if methods.get_method(options.method).needs_input_norms:
+        input_norms = _input_norms(finetuned, calibration_texts, device=options.device)
+
+    # 4. Prune, choosing q first when asked to.
+    selection = None
+    if options.q_select is not None:
+        selection = qselect.select_q(
+            selector=options.q_select,
+            base_checkpoint=base_checkpoint,
+            finetuned_checkpoint=finetuned_checkpoint,
+            plan=plan,
+            drop_rate=options.drop_rate,
+            seed=options.seed,
+            other_tensors=options.other_tensors,
+            calibration_texts=calibration_texts,
+            validation_samples=validation_samples,
+            device=options.device,
+        )
+        entries = selection.entries
+        q = selection.q
+    else:
+        q = options.q
+        entries = _prune_all(base_checkpoint, finetuned_checkpoint, plan, options, input_norms)
+
+    # 5. Write the file atomically, with everything a reader needs to trust and inspect it.
+    params = {
+        "method": options.method,
+        "drop_rate": options.drop_rate,
+        "q": q,
+        "seed": options.seed,
+        "q_select": options.q_select,
+        "rescale": options.rescale,
+        "other_tensors": options.other_tensors,
+        "include": None if options.include is None else list(options.include),
+        "exclude": list(options.exclude),
+    }
+    if selection is not None:
+        params["q_search"] = selection.summary()
+    extra = {
+        "base_numel": base_checkpoint.numel(),
+        "base_nbytes": base_checkpoint.nbytes(),
+        "pruned_tensors": sum(1 for name in entries if isinstance(entries[name], SparseEntry)),
+        "dense_tensors": sum(1 for name in entries if isinstance(entries[name], DenseEntry)),
+        "pruned_numel": sum(math.prod(base_checkpoint.shape(name)) for name in plan.pruned),
+    }
+    path = store / delta_file_name(options.task)
+    metadata = write_delta(
+        path,
+        task=options.task,
+        base_fingerprint=base_fingerprint,
+        method=options.method,
+        params=params,
+        entries=entries,
+        value_dtype=options.value_dtype,
+        extra=extra,
+    )
+    logger.info("wrote %s: %d tensors, nnz %d, %d bytes", path, len(metadata.tensors), metadata.nnz, metadata.nbytes)
+    return metadata
+
+
+def _prune_all(
+    base_checkpoint: Checkpoint,
+    finetuned_checkpoint: Checkpoint,
+    plan: TensorPlan,
+    options: CompressOptions,
+    input_norms: dict[str, torch.Tensor],
+) -> dict[str, Entry]:
+    entries: dict[str, Entry] = {}
+    for item in iter_deltas(base_checkpoint, finetuned_checkpoint, plan, other_tensors=options.other_tensors):
+        if not item.pruned:
+            entries[item.name] = DenseEntry(shape=tuple(item.delta.shape), values=item.delta)
+            continue
+        prune_options = methods.PruneOptions(
+            drop_rate=options.drop_rate,
+            seed=options.seed,
+            q=options.q,
+            rescale=options.rescale,
+            input_norms=input_norms.get(item.name),
+        )
+        entries[item.name] = methods.prune(item.delta, method=options.method, name=item.name, options=prune_options)
+        del item
+    return entries
+
+
+def _input_norms(finetuned: Path, texts: list[str], *, device: str) -> dict[str, torch.Tensor]:
+    from deltastore.calibration import collect_input_norms, token_windows
+    from deltastore.scoring import load_causal_lm
+
+    model, tokenizer = load_causal_lm(finetuned, device=device)
+    norms = collect_input_norms(model, token_windows(tokenizer, texts))
+    del model
+    return norms
