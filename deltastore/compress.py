@@ -58,7 +58,7 @@ DEFAULT_PRUNED_PATTERNS: tuple[str, ...] = (
 # Output-embedding names that share storage with the input embedding when the config ties them.
 TIED_OUTPUT_NAMES: tuple[str, ...] = ("lm_head.weight",)
 
-# What happens to a changed tensor that is not pruned: stored dense, or left out of the delta.
+# Policies for a changed tensor that is not pruned: store it dense, or leave it out of the delta.
 OTHER_TENSOR_POLICIES: tuple[str, ...] = ("exact", "drop")
 
 
@@ -118,8 +118,8 @@ class CompressOptions:
         if self.q_select == "validation" and self.validation is None:
             raise CompressError("q selection 'validation' needs a labelled validation file (JSONL with prompt, completion)")
         if (self.q_select == "output-change" or method.needs_input_norms) and self.calibration is None:
-            needer = "q selection 'output-change'" if self.q_select == "output-change" else f"method {self.method!r}"
-            raise CompressError(f"{needer} needs a calibration text file (one sample per line, or JSONL with 'text')")
+            requester = "q selection 'output-change'" if self.q_select == "output-change" else f"method {self.method!r}"
+            raise CompressError(f"{requester} needs a calibration text file (one sample per line, or JSONL with 'text')")
 
     @property
     def pruned_patterns(self) -> tuple[str, ...]:
@@ -128,7 +128,7 @@ class CompressOptions:
 
 @dataclass(frozen=True)
 class TensorPlan:
-    """Which checkpoint tensors are pruned, which are other tensors, and which are left out."""
+    """Assignment of checkpoint tensors: pruned, other (dense or dropped), and tied (left out)."""
 
     pruned: list[str]
     other: list[str]
@@ -232,7 +232,7 @@ def iter_deltas(
         if finetuned_tensor.is_floating_point() and not bool(torch.isfinite(finetuned_tensor).all()):
             bad = int((~torch.isfinite(finetuned_tensor)).sum())
             raise CompressError(
-                f"fine-tuned tensor {name!r} in {str(finetuned_checkpoint.folder)!r} holds {bad} NaN or infinite values; "
+                f"fine-tuned tensor {name!r} in {str(finetuned_checkpoint.folder)!r} contains {bad} NaN or infinite values; "
                 "fix or re-export the fine-tune"
             )
         base_tensor = base_checkpoint.get(name)

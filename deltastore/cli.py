@@ -1,0 +1,383 @@
+"""Offline `deltamux` subcommands: compress, inspect, verify, reconstruct, evaluate.
+
+`add_commands` registers them on the subparsers of the `deltamux` parser. Every command returns
+its exit code: 0 on success, 1 when `verify` finds a bad file, and 2 on invalid input, after one
+line on stderr that names what failed and what to do. Heavy modules are imported when a command
+runs, not when the parser is built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_VERIFY_FAILED = 1
+EXIT_INVALID_INPUT = 2
+
+# Names of methods.METHODS and qselect.Q_SELECTORS, repeated here so that building the parser does
+# not import torch; a test checks that they match the registries.
+METHOD_NAMES = ("dare", "darex-q", "magnitude", "wanda")
+Q_SELECTOR_NAMES = ("validation", "output-change")
+
+# The bf16 checkpoint that compression ratios are measured against stores 2 bytes per weight.
+BF16_BYTES = 2
+
+
+def _reports_errors(command: str) -> Callable:
+    """Turn the ValueError and OSError of a command into one stderr line and exit code 2."""
+
+    def decorate(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        @functools.wraps(run)
+        def wrapper(args: argparse.Namespace) -> int:
+            try:
+                return run(args)
+            except (ValueError, OSError) as e:
+                logger.debug("deltamux %s failed", command, exc_info=True)
+                print(f"deltamux {command}: error: {e}", file=sys.stderr)
+                return EXIT_INVALID_INPUT
+
+        return wrapper
+
+    return decorate
+
+
+def _bf16_ratio(metadata) -> tuple[float | None, int | None]:
+    """Return (delta bytes / bf16 checkpoint bytes, bf16 bytes), or (None, None) without `base_numel`."""
+    numel = metadata.extra.get("base_numel")
+    if not isinstance(numel, int) or numel <= 0:
+        return None, None
+    reference = BF16_BYTES * numel
+    return metadata.nbytes / reference, reference
+
+
+def _format_q(value) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+# ---------------------------------------------------------------------------------------------
+# compress
+
+
+@_reports_errors("compress")
+def run_compress(args: argparse.Namespace) -> int:
+    from deltastore.compress import compress
+    from deltastore.format import delta_file_name
+
+    metadata = compress(
+        base=args.base,
+        finetuned=args.finetuned,
+        task=args.task,
+        store=args.store,
+        method=args.method,
+        drop_rate=args.drop_rate,
+        seed=args.seed,
+        q=args.q,
+        q_select=args.q_select,
+        calibration=args.calibration,
+        validation=args.validation,
+        other_tensors=args.other_tensors,
+        include=args.include,
+        exclude=args.exclude,
+        value_dtype=args.value_dtype,
+        rescale=args.rescale,
+        device=args.device,
+    )
+    search = metadata.params.get("q_search")
+    if search:
+        print(f"q search ({search['selector']}, {search['metric']}), in evaluation order:")
+        print(f"  {'q':>10}  {'score':>14}")
+        for q, score in search["trace"]:
+            marker = "  <- chosen" if q == search["q"] else ""
+            print(f"  {q:>10.6f}  {score:>14.6g}{marker}")
+    ratio, _ = _bf16_ratio(metadata)
+    ratio_text = "" if ratio is None else f", {ratio:.4f} of the bf16 checkpoint"
+    print(
+        f"wrote {Path(args.store) / delta_file_name(metadata.task)}: method {metadata.method}, drop rate "
+        f"{metadata.params['drop_rate']:g}, q {_format_q(metadata.params.get('q'))}, nnz {metadata.nnz}, "
+        f"{metadata.nbytes} bytes{ratio_text}"
+    )
+    return EXIT_OK
+
+
+def _add_compress(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "compress",
+        help="prune a fine-tune's delta against its base and write TASK.delta.safetensors",
+        description=(
+            "Compute the delta (fine-tune minus base, in float32) tensor by tensor, prune the attention and MLP "
+            "linear weights with METHOD, and write STORE/TASK.delta.safetensors atomically."
+        ),
+    )
+    parser.add_argument("--base", required=True, type=Path, metavar="DIR", help="base checkpoint folder (Hugging Face layout, *.safetensors)")
+    parser.add_argument("--finetuned", required=True, type=Path, metavar="DIR", help="fine-tuned checkpoint folder of the same architecture")
+    parser.add_argument("--task", required=True, metavar="NAME", help="task name: 1 to 64 letters, digits, '.', '_' or '-'; names the file")
+    parser.add_argument("--store", required=True, type=Path, metavar="DIR", help="folder for delta files; created if missing")
+    parser.add_argument("--method", required=True, choices=METHOD_NAMES, help="pruning method")
+
+    parser.add_argument(
+        "--drop-rate",
+        required=True,
+        type=float,
+        metavar="P",
+        help="drop rate: the fraction of delta entries set to zero, in [0, 1); 0.99 keeps 1 %%",
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random masks (dare, darex-q) (default: 0)")
+
+    q_group = parser.add_mutually_exclusive_group()
+    q_group.add_argument(
+        "--q", type=float, default=None, help="darex-q rescale: kept values are divided by Q, Q in [1 - P, 1]; Q = 1 - P is DARE"
+    )
+    q_group.add_argument(
+        "--q-select",
+        choices=Q_SELECTOR_NAMES,
+        default=None,
+        help="darex-q: choose Q by a search, on --validation accuracy or on top-5 logit MSE over --calibration text",
+    )
+
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="FILE",
+        help="unlabelled text, one sample per line or JSONL with 'text' (wanda and --q-select output-change)",
+    )
+    parser.add_argument(
+        "--validation",
+        type=Path,
+        metavar="FILE",
+        help="labelled JSONL with 'prompt', 'completion' and optional 'answer' (--q-select validation)",
+    )
+
+    parser.add_argument(
+        "--other-tensors",
+        choices=("exact", "drop"),
+        default="exact",
+        help="changed tensors that are not pruned (norms, biases, embeddings): store exactly or drop (default: exact)",
+    )
+    parser.add_argument(
+        "--include",
+        action="append",
+        metavar="GLOB",
+        help="prune only tensors whose name matches GLOB; repeatable (default: attention and MLP linear weights)",
+    )
+    parser.add_argument(
+        "--exclude",
+        action="append",
+        metavar="GLOB",
+        help="never prune tensors matching GLOB; they follow --other-tensors; repeatable (default: none)",
+    )
+
+    parser.add_argument(
+        "--value-dtype",
+        choices=("float16", "bfloat16", "float32"),
+        default="float16",
+        help="dtype of stored pruned values: 2 bytes (float16, bfloat16) or 4 bytes (float32) each (default: float16)",
+    )
+    parser.add_argument(
+        "--rescale", action="store_true", help="magnitude and wanda: multiply kept values by 1 / (1 - P) (default: off)"
+    )
+    parser.add_argument("--device", default="cpu", help="torch device for calibration and q search models (default: cpu)")
+    parser.set_defaults(func=run_compress)
+
+
+# ---------------------------------------------------------------------------------------------
+# inspect
+
+
+def inspect_record(metadata) -> dict:
+    """Return the JSON record `inspect --json` prints: the metadata plus bytes and ratio figures."""
+    ratio, reference = _bf16_ratio(metadata)
+    return {**metadata.to_json(), "nnz": metadata.nnz, "nbytes": metadata.nbytes, "bf16_nbytes": reference, "ratio_to_bf16": ratio}
+
+
+@_reports_errors("inspect")
+def run_inspect(args: argparse.Namespace) -> int:
+    from deltastore.format import read_metadata
+
+    metadata = read_metadata(args.file)
+    if args.json:
+        print(json.dumps(inspect_record(metadata), indent=2, sort_keys=True))
+        return EXIT_OK
+
+    params = metadata.params
+    ratio, reference = _bf16_ratio(metadata)
+    ratio_text = "unknown (the file does not record the base size)" if ratio is None else f"{ratio:.4f} of {reference} bytes"
+    rows = [
+        ("task", metadata.task),
+        ("method", metadata.method),
+        ("drop rate", _format_q(params.get("drop_rate"))),
+        ("q", _format_q(params.get("q"))),
+        ("seed", str(params.get("seed", "-"))),
+        ("nnz", str(metadata.nnz)),
+        ("bytes", str(metadata.nbytes)),
+        ("ratio to bf16", ratio_text),
+        ("base fingerprint", metadata.base_fingerprint),
+        ("format version", str(metadata.format_version)),
+        ("created", metadata.created),
+    ]
+    search = params.get("q_search")
+    if search:
+        rows.append(("q search", f"{search['selector']}: {search['metric']} {search['score']:.6g} over {len(search['trace'])} candidates"))
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
+
+    print()
+    name_width = max([len("tensor")] + [len(name) for name in metadata.tensors])
+    print(f"{'tensor':<{name_width}}  {'kind':<6}  {'shape':<14}  {'nnz':>10}  {'kept':>7}  {'values':<8}  {'bytes':>10}")
+    for name, info in metadata.tensors.items():
+        kept = info.nnz / info.numel if info.numel else 0.0
+        shape = "x".join(str(size) for size in info.shape) or "scalar"
+        print(
+            f"{name:<{name_width}}  {info.kind:<6}  {shape:<14}  {info.nnz:>10}  {kept:>7.2%}  {info.value_dtype:<8}  {info.nbytes:>10}"
+        )
+    return EXIT_OK
+
+
+def _add_inspect(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="show a delta file's method, drop rate, q, seed, nnz, bytes and tensors",
+        description="Print what a delta file's header records; reads the header only, so the checksum is not verified (use verify).",
+    )
+    parser.add_argument("file", type=Path, metavar="FILE", help="a TASK.delta.safetensors file")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table (default: table)")
+    parser.set_defaults(func=run_inspect)
+
+
+# ---------------------------------------------------------------------------------------------
+# verify
+
+
+@_reports_errors("verify")
+def run_verify(args: argparse.Namespace) -> int:
+    from deltastore.checkpoint import fingerprint
+    from deltastore.format import DeltaFormatError, read_delta
+
+    if not args.file.is_file():
+        raise ValueError(f"delta file {str(args.file)!r} not found; pass a TASK.delta.safetensors file")
+    expected = fingerprint(args.base)
+    try:
+        delta = read_delta(args.file, expected_fingerprint=expected)
+    except DeltaFormatError as e:
+        print(f"deltamux verify: FAILED: {e}", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+    print(f"{args.file}: OK (checksum matches, made for base {expected}, {len(delta.entries)} tensors, nnz {delta.metadata.nnz})")
+    return EXIT_OK
+
+
+def _add_verify(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "verify",
+        help="check a delta file's checksum and that it was made for a base",
+        description="Verify the payload checksum and the base fingerprint. Exit 0 if both match, 1 if not, 2 on invalid input.",
+    )
+    parser.add_argument("file", type=Path, metavar="FILE", help="a TASK.delta.safetensors file")
+    parser.add_argument("--base", required=True, type=Path, metavar="DIR", help="the base checkpoint folder the delta must fit")
+    parser.set_defaults(func=run_verify)
+
+
+# ---------------------------------------------------------------------------------------------
+# reconstruct
+
+
+@_reports_errors("reconstruct")
+def run_reconstruct(args: argparse.Namespace) -> int:
+    from deltastore.reconstruct import reconstruct
+
+    out = reconstruct(args.file, args.base, args.out)
+    print(f"wrote {out}: base {args.base} plus {args.file}")
+    return EXIT_OK
+
+
+def _add_reconstruct(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "reconstruct",
+        help="write base plus delta as a full Hugging Face folder",
+        description=(
+            "Verify the delta against the base, then write OUT with the base's config and tokenizer files and a "
+            "model.safetensors of base plus delta, in the base's dtype."
+        ),
+    )
+    parser.add_argument("file", type=Path, metavar="FILE", help="a TASK.delta.safetensors file")
+    parser.add_argument("--base", required=True, type=Path, metavar="DIR", help="the base checkpoint folder")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder; must not exist or be empty")
+    parser.set_defaults(func=run_reconstruct)
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate
+
+
+def _format_score(score) -> str:
+    return "-" if score is None else f"{score.accuracy:.4f} ({score.correct}/{score.total})"
+
+
+@_reports_errors("evaluate")
+def run_evaluate(args: argparse.Namespace) -> int:
+    from deltastore.evaluate import evaluate
+
+    result = evaluate(
+        args.file,
+        base=args.base,
+        finetuned=args.finetuned,
+        calibration=args.calibration,
+        validation=args.validation,
+        device=args.device,
+        window_tokens=args.window_tokens,
+        max_windows=args.max_windows,
+        max_new_tokens=args.max_new_tokens,
+    )
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        return EXIT_OK
+    print(f"task {result.task}: method {result.method}, drop rate {_format_q(result.params.get('drop_rate'))}, "
+          f"q {_format_q(result.params.get('q'))}, nnz {result.nnz}")
+    if result.output_change_pruned is not None:
+        print(f"top-5 logit MSE against the fine-tune over {result.windows} windows:")
+        print(f"  base + delta  {result.output_change_pruned:.6g}")
+        print(f"  base alone    {result.output_change_base:.6g}")
+    if result.score_pruned is not None:
+        print("exact-match accuracy on the validation file:")
+        print(f"  base          {_format_score(result.score_base)}")
+        print(f"  fine-tune     {_format_score(result.score_finetuned)}")
+        print(f"  base + delta  {_format_score(result.score_pruned)}")
+    return EXIT_OK
+
+
+def _add_evaluate(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="measure base plus delta against the fine-tune (output change, accuracy)",
+        description=(
+            "Output change: top-5 logit MSE of base + delta against the fine-tuned model over --calibration text. "
+            "With --validation: exact-match accuracy of the base, the fine-tune and base + delta. Needs at least one."
+        ),
+    )
+    parser.add_argument("file", type=Path, metavar="FILE", help="a TASK.delta.safetensors file")
+    parser.add_argument("--base", required=True, type=Path, metavar="DIR", help="the base checkpoint folder")
+    parser.add_argument("--finetuned", required=True, type=Path, metavar="DIR", help="the fine-tuned checkpoint folder")
+    parser.add_argument("--calibration", type=Path, metavar="FILE", help="unlabelled text, one sample per line or JSONL with 'text'")
+    parser.add_argument("--validation", type=Path, metavar="FILE", help="labelled JSONL with 'prompt', 'completion', optional 'answer'")
+    parser.add_argument("--window-tokens", type=int, default=256, help="tokens per calibration window (default: 256)")
+    parser.add_argument("--max-windows", type=int, default=64, help="maximum number of calibration windows (default: 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="maximum tokens generated per validation sample (default: 64)")
+    parser.add_argument("--device", default="cpu", help="torch device for the models (default: cpu)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: text)")
+    parser.set_defaults(func=run_evaluate)
+
+
+def add_commands(subparsers) -> None:
+    """Register compress, inspect, verify, reconstruct and evaluate on `subparsers`."""
+    _add_compress(subparsers)
+    _add_inspect(subparsers)
+    _add_verify(subparsers)
+    _add_reconstruct(subparsers)
+    _add_evaluate(subparsers)
