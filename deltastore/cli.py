@@ -208,7 +208,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     params = metadata.params
     ratio, reference = _bf16_ratio(metadata)
-    ratio_text = "unknown (the file does not record the base size)" if ratio is None else f"{ratio:.4f} of {reference} bytes"
+    ratio_text = "unknown (the file does not record the base size)" if ratio is None else f"{ratio:.4f} (payload bytes / {reference} bf16 bytes)"
     rows = [
         ("task", metadata.task),
         ("method", metadata.method),

@@ -102,6 +102,8 @@ class CompressOptions:
                 f"darex-q needs q in [{1 - self.drop_rate:g}, 1] or a q selector "
                 "('validation' with a labelled file, 'output-change' with calibration text)"
             )
+        if self.rescale and "rescale" not in method.parameters:
+            raise CompressError(f"rescale applies to magnitude and wanda only; {self.method!r} always rescales")
         self._check_inputs(method)
         if self.other_tensors not in OTHER_TENSOR_POLICIES:
             raise CompressError(
@@ -154,13 +156,18 @@ def open_pair(base: str | Path, finetuned: str | Path) -> tuple[Checkpoint, Chec
         )
 
     tied = base_checkpoint.tied_embeddings
+    if finetuned_checkpoint.tied_embeddings != tied:
+        raise CompressError(
+            f"tie_word_embeddings is {tied} in the base but {finetuned_checkpoint.tied_embeddings} in the fine-tune "
+            f"{str(finetuned)!r}; an untied output embedding cannot be stored as a delta of a tied one"
+        )
     base_names = set(_untied_names(base_checkpoint.names, tied=tied))
     finetuned_names = set(_untied_names(finetuned_checkpoint.names, tied=tied))
     if base_names != finetuned_names:
         only_base = sorted(base_names - finetuned_names)
         only_finetuned = sorted(finetuned_names - base_names)
         raise CompressError(
-            f"base and fine-tune hold different tensors (only in base: {only_base[:5]!r}, only in fine-tune: "
+            f"base and fine-tune contain different tensors (only in base: {only_base[:5]!r}, only in fine-tune: "
             f"{only_finetuned[:5]!r}); they must share one architecture"
         )
     for name in sorted(base_names):
@@ -225,6 +232,7 @@ def iter_deltas(
     Raises CompressError on the first fine-tuned tensor with NaN or infinite values, because its
     delta would be meaningless.
     """
+    # Dropped tensors are never read, so a NaN in one of them is not reported: it would not reach the delta.
     names = plan.pruned + (plan.other if other_tensors == "exact" else [])
     pruned = set(plan.pruned)
     for name in tqdm(sorted(names), desc=description, unit="tensor", leave=False):

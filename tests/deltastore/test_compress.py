@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 from collections.abc import Callable
@@ -176,6 +177,31 @@ def test_different_tensor_names_rejected(tmp_path, tiny_base, tiny_finetunes):
     finetuned = copy_checkpoint(tiny_finetunes["alpha"], tmp_path / "missing", remove)
     with pytest.raises(CompressError, match="only in base: \\['model.norm.weight'\\]"):
         run(tmp_path, tiny_base, finetuned)
+
+
+def test_other_architecture_rejected(tmp_path, tiny_base, tiny_finetunes):
+    finetuned = tmp_path / "mistral"
+    shutil.copytree(tiny_finetunes["alpha"], finetuned)
+    config = json.loads((finetuned / "config.json").read_text())
+    config["model_type"] = "mistral"
+    (finetuned / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CompressError, match="'llama' model but fine-tune .* is a 'mistral' model"):
+        run(tmp_path, tiny_base, finetuned)
+
+
+def test_untied_finetune_of_tied_base_rejected(tmp_path, tiny_base, tiny_finetunes):
+    finetuned = tmp_path / "untied"
+    shutil.copytree(tiny_finetunes["alpha"], finetuned)
+    config = json.loads((finetuned / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    (finetuned / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CompressError, match="tie_word_embeddings"):
+        run(tmp_path, tiny_base, finetuned)
+
+
+def test_rescale_with_dare_rejected(tmp_path, tiny_base, tiny_finetunes):
+    with pytest.raises(CompressError, match="magnitude and wanda only"):
+        run(tmp_path, tiny_base, tiny_finetunes["alpha"], rescale=True)
 
 
 def test_nan_in_finetune_rejected(tmp_path, tiny_base, tiny_finetunes):
