@@ -173,10 +173,10 @@ class Engine:
     # -- requests --------------------------------------------------------------------------
 
     def submit(self, requests: list[EngineRequest]) -> None:
-        """Queue requests; all of them or none (when the engine is stopped)."""
+        """Queue requests, all or none; requests queued before `start` wait for the loop."""
         with self._cond:
-            if self._stopping or self._thread is None:
-                raise EngineStopped("the engine is not running; the server is starting or shutting down")
+            if self._stopping:
+                raise EngineStopped("the engine has stopped; the server is shutting down")
             for request in requests:
                 self._queues.setdefault(request.task, deque()).append(request)
             for task in {request.task for request in requests}:

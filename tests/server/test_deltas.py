@@ -9,8 +9,9 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import torch
 
-from deltastore.format import DenseEntry, write_delta
+from deltastore.format import DenseEntry, read_delta, write_delta
 from tests.server.conftest import BASE_ID, FOREIGN_FINGERPRINT
 from tests.server.support import LiveServer, greedy_text, make_delta
 
@@ -83,8 +84,6 @@ def test_reregistered_name_serves_new_delta(live, delta_files, references, token
 
 def _renamed(path: Path, task: str) -> bytes:
     """Return the delta file's bytes rewritten under another task name (the checksum covers the name)."""
-    from deltastore.format import read_delta
-
     delta = read_delta(path)
     out = path.parent / "renamed" / f"{task}.delta.safetensors"
     write_delta(
@@ -135,8 +134,6 @@ def test_invalid_uploads_422_leave_no_file(live, delta_files, tiny_base, tiny_fi
 
 
 def _wrong_shape_delta(live: LiveServer, tmp_path: Path) -> bytes:
-    import torch
-
     path = tmp_path / "wrongshape.delta.safetensors"
     write_delta(
         path, task="wrongshape", base_fingerprint=live.runtime.base_fingerprint, method="dare", params={},
