@@ -89,6 +89,9 @@ def run_compress(args: argparse.Namespace) -> int:
         value_dtype=args.value_dtype,
         rescale=args.rescale,
         device=args.device,
+        window_tokens=args.window_tokens,
+        max_windows=args.max_windows,
+        max_new_tokens=args.max_new_tokens,
     )
     search = metadata.params.get("q_search")
     if search:
@@ -184,6 +187,18 @@ def _add_compress(subparsers) -> None:
         "--rescale", action="store_true", help="magnitude and wanda: multiply kept values by 1 / (1 - P) (default: off)"
     )
     parser.add_argument("--device", default="cpu", help="torch device for calibration and q search models (default: cpu)")
+    parser.add_argument(
+        "--window-tokens", type=int, default=256, help="tokens per calibration window (q search, wanda) (default: 256)"
+    )
+    parser.add_argument(
+        "--max-windows", type=int, default=64, help="maximum number of calibration windows (q search, wanda) (default: 64)"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=64,
+        help="maximum tokens generated per validation sample (--q-select validation) (default: 64)",
+    )
     parser.set_defaults(func=run_compress)
 
 

@@ -20,9 +20,19 @@ import torch
 from tqdm.auto import tqdm
 
 from deltastore import methods
-from deltastore.calibration import read_calibration, read_validation
+from deltastore.calibration import DEFAULT_MAX_WINDOWS, DEFAULT_WINDOW_TOKENS, read_calibration, read_validation
 from deltastore.checkpoint import Checkpoint, fingerprint
-from deltastore.format import VALUE_DTYPES, DeltaMetadata, DenseEntry, Entry, SparseEntry, delta_file_name, validate_task_name, write_delta
+from deltastore.format import (
+    VALUE_DTYPES,
+    DeltaMetadata,
+    DenseEntry,
+    Entry,
+    SparseEntry,
+    delta_file_name,
+    validate_task_name,
+    write_delta,
+)
+from deltastore.scoring import DEFAULT_MAX_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +96,10 @@ class CompressOptions:
     value_dtype: str = "float16"
     rescale: bool = False
     device: str = "cpu"
+    # Budget of the model runs in q search and WANDA calibration.
+    window_tokens: int = DEFAULT_WINDOW_TOKENS
+    max_windows: int = DEFAULT_MAX_WINDOWS
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
 
     def __post_init__(self) -> None:
         validate_task_name(self.task)
@@ -109,6 +123,10 @@ class CompressOptions:
             raise CompressError(
                 f"invalid other-tensors policy {self.other_tensors!r}; choose one of {', '.join(OTHER_TENSOR_POLICIES)}"
             )
+        for key in ("window_tokens", "max_windows", "max_new_tokens"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < (2 if key == "window_tokens" else 1):
+                raise CompressError(f"{key} must be a positive integer (window_tokens at least 2), got {value!r}")
         if self.value_dtype not in VALUE_DTYPES:
             raise CompressError(f"invalid value dtype {self.value_dtype!r}; choose one of {', '.join(VALUE_DTYPES)}")
 
@@ -276,6 +294,9 @@ def compress(
     value_dtype: str = "float16",
     rescale: bool = False,
     device: str = "cpu",
+    window_tokens: int = DEFAULT_WINDOW_TOKENS,
+    max_windows: int = DEFAULT_MAX_WINDOWS,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
 ) -> DeltaMetadata:
     """Compress `finetuned` against `base` and write `<store>/<task>.delta.safetensors`.
 
@@ -297,6 +318,9 @@ def compress(
         value_dtype=value_dtype,
         rescale=rescale,
         device=device,
+        window_tokens=window_tokens,
+        max_windows=max_windows,
+        max_new_tokens=max_new_tokens,
     )
     return run_compression(base=Path(base), finetuned=Path(finetuned), store=Path(store), options=options)
 
@@ -323,7 +347,7 @@ def run_compression(*, base: Path, finetuned: Path, store: Path, options: Compre
     # 3. WANDA needs the input feature norms of every linear layer over the calibration text.
     input_norms: dict[str, torch.Tensor] = {}
     if methods.get_method(options.method).needs_input_norms:
-        input_norms = _input_norms(finetuned, calibration_texts, device=options.device)
+        input_norms = _input_norms(finetuned, calibration_texts, options=options)
 
     # 4. Prune, choosing q first when asked to.
     selection = None
@@ -339,6 +363,11 @@ def run_compression(*, base: Path, finetuned: Path, store: Path, options: Compre
             calibration_texts=calibration_texts,
             validation_samples=validation_samples,
             device=options.device,
+            settings=qselect.QSearchSettings(
+                window_tokens=options.window_tokens,
+                max_windows=options.max_windows,
+                max_new_tokens=options.max_new_tokens,
+            ),
         )
         entries = selection.entries
         q = selection.q
@@ -406,11 +435,12 @@ def _prune_all(
     return entries
 
 
-def _input_norms(finetuned: Path, texts: list[str], *, device: str) -> dict[str, torch.Tensor]:
+def _input_norms(finetuned: Path, texts: list[str], *, options: CompressOptions) -> dict[str, torch.Tensor]:
     from deltastore.calibration import collect_input_norms, token_windows
     from deltastore.scoring import load_causal_lm
 
-    model, tokenizer = load_causal_lm(finetuned, device=device)
-    norms = collect_input_norms(model, token_windows(tokenizer, texts))
+    model, tokenizer = load_causal_lm(finetuned, device=options.device)
+    windows = token_windows(tokenizer, texts, window_tokens=options.window_tokens, max_windows=options.max_windows)
+    norms = collect_input_norms(model, windows)
     del model
     return norms

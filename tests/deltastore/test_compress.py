@@ -274,3 +274,8 @@ def test_rewrite_replaces_file(tmp_path, tiny_base, tiny_finetunes):
     second = run(tmp_path, tiny_base, tiny_finetunes["alpha"], drop_rate=0.9)
     assert second.nnz < first.nnz
     assert sorted(path.name for path in (tmp_path / "store").iterdir()) == ["alpha.delta.safetensors"]
+
+
+def test_invalid_window_budget_rejected(tmp_path, tiny_base, tiny_finetunes):
+    with pytest.raises(CompressError, match="max_windows must be a positive integer"):
+        run(tmp_path, tiny_base, tiny_finetunes["alpha"], max_windows=0)
