@@ -106,7 +106,11 @@ def score_model(
 
 
 def load_causal_lm(folder: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32):
-    """Load a causal language model and its tokenizer from a local folder, in eval mode."""
+    """Load a causal language model and its tokenizer from a local folder, in eval mode.
+
+    float32 by default, so a measured output change comes from the delta and not from
+    half-precision rounding of the base.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     folder = Path(folder)

@@ -104,12 +104,12 @@ def test_dare_is_unbiased_on_average():
 def test_dare_keep_fraction_unbiased_over_seeds():
     delta = random_delta((13, 17))
     trials = 300
-    kept = [
+    kept_counts = [
         prune(delta, method="dare", name="w", options=PruneOptions(drop_rate=0.8, seed=seed)).indices.numel()
         for seed in range(trials)
     ]
     n = delta.numel()
-    mean_fraction = sum(kept) / (trials * n)
+    mean_fraction = sum(kept_counts) / (trials * n)
     # The mean of 300 binomial fractions has standard deviation sqrt(0.2 * 0.8 / (n * 300)); allow 5.
     assert abs(mean_fraction - 0.2) <= 5 * math.sqrt(0.2 * 0.8 / (n * trials))
 
