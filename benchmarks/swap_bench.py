@@ -5,8 +5,8 @@ the tasks and the base, so every request forces a swap. Each configuration runs 
 server and reads the `deltamux_swap_stage_seconds` histogram afterwards:
 
 - warm: the default cache budgets, so after the first round every delta comes from the device tier;
-- cold: a device cache of 0 bytes, so every swap reads and verifies the delta file again
-  (on CUDA the CPU tier then serves it; on CPU that tier is off and the file is read from disk).
+- cold: a device cache of 0 bytes, so every swap decodes the delta again. On CUDA the CPU tier
+  then provides the verified file. On CPU that tier is off, so the file is read from disk.
 
 Usage:
   python benchmarks/swap_bench.py --tiny

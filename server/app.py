@@ -37,9 +37,6 @@ from server.store import Store, StoredTask, TaskExists, TaskNotFound
 
 logger = logging.getLogger(__name__)
 
-_UPLOAD_CHUNK = 1 << 20
-
-
 @dataclass
 class Runtime:
     """Everything the lifespan loads; handlers receive it through `Depends(get_runtime)`."""
@@ -106,7 +103,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
 
 
 def get_runtime(request: Request) -> Runtime:
-    """Return the loaded runtime, or answer 503 while the server starts or stops."""
+    """Return the loaded runtime; raise a 503 APIError while the server starts or stops."""
     runtime = getattr(request.app.state, "runtime", None)
     if runtime is None or not runtime.engine.running:
         raise APIError(503, "the server is not ready: the base model is loading or the engine has stopped")

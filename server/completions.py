@@ -2,8 +2,8 @@
 
 Each prompt times `n` becomes one engine request (its choice index is prompt * n + j). With a
 `seed`, choice j samples with seed + j, so choices differ but the whole response is reproducible.
-A stream sends one event per generated text piece and ends with `data: [DONE]`; an error after
-the stream has started is sent as a `data: {"error": ...}` event before `[DONE]`.
+A stream sends one event per generated text piece and ends with `data: [DONE]`. An error after
+the stream has started arrives as a `data: {"error": ...}` event before `[DONE]`.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 Requests queue per task (the base is a task too, under the base model id). The loop serves the
 current task's queue in batches of up to `max_batch_size` for at most `time_slice` seconds while
 other tasks wait, then switches to the task whose oldest request has waited longest, so no task
-starves. A switch restores the current delta and applies the next one; every batch runs on one
-task's weights, and weights change only between batches, so no request ever runs with another
-task's weights.
+starves. A switch restores the current delta and applies the next one. Weights change only
+between batches and every batch belongs to one task, so no request runs with another task's
+weights.
 
 Deleting a task while it has requests in flight: its queued requests fail with a 404-style error
 at once, and a batch already running finishes on the weights it started with. The deleted delta
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 
 class ErrorKind(enum.Enum):
-    """Why the engine could not complete a request; the API maps each to an HTTP status."""
+    """Failure cause of an engine request; the API maps each to an HTTP status."""
 
     NOT_FOUND = "not_found"  # the task was deleted (or its file vanished) before the request ran
     UNAVAILABLE = "unavailable"  # the engine is shutting down

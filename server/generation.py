@@ -1,7 +1,7 @@
 """Batched sampling with the KV cache for requests that share one set of weights.
 
 The contract: `generate` takes prompt token ids and sampling settings, runs the model on
-whatever weights it holds right now, and returns text with usage counts. It never touches the
+whatever weights it has right now, and returns text with usage counts. It never touches the
 weights, so the caller (the engine loop) decides which task they belong to. Prompts of different
 lengths are left-padded, with an attention mask and per-row position ids, so a row's tokens see
 the same positions and keys as when the row runs alone. Finished rows leave the batch (and the KV
@@ -28,7 +28,7 @@ FINISH_CANCELLED = "cancelled"  # the client went away; the result is dropped
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one sequence is sampled; temperature 0 means greedy."""
+    """Sampling settings of one sequence; temperature 0 means greedy."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -167,7 +167,7 @@ def _left_pad(prompts: Sequence[list[int]], *, pad_token_id: int, device: torch.
     for row, ids in enumerate(prompts):
         input_ids[row, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
         mask[row, width - len(ids) :] = 1
-    # Positions count real tokens only, so a padded row sees the positions it would see alone.
+    # Positions count real tokens only, so a padded row gets the positions it would get alone.
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)
     return input_ids.to(device), mask.to(device), positions.to(device)
 

@@ -29,6 +29,8 @@ class Metrics:
 
     def __post_init__(self) -> None:
         r = self.registry
+
+        # Requests and tokens, per task.
         self.requests = Counter(
             "deltamux_requests", "Completion requests finished, by task, endpoint and HTTP status.",
             ["task", "endpoint", "status"], registry=r,
@@ -45,6 +47,8 @@ class Metrics:
             "deltamux_time_to_first_token_seconds", "Time from arrival to the first generated token, by task.",
             ["task"], buckets=_LATENCY_BUCKETS, registry=r,
         )
+
+        # Queues and batches.
         self.queue_depth = Gauge(
             "deltamux_queue_depth", "Requests waiting in each task's queue.", ["task"], registry=r
         )
@@ -58,6 +62,8 @@ class Metrics:
             "deltamux_batch_size", "Requests per generated batch.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
         )
+
+        # Swaps and the delta caches.
         self.swaps = Counter(
             "deltamux_swaps", "Weight swaps (restore the current delta, apply the next).", registry=r
         )

@@ -1,4 +1,4 @@
-"""Where each task's delta lives between uses: the model's device, CPU memory, or disk.
+"""Cache tiers for task deltas between uses: the model's device, CPU memory, then disk.
 
 - device tier: `DecodedDelta`s (int64 indices, float32 values) on the model's device, ready for
   `apply`; least recently used first out when over `device_cache_bytes`;

@@ -53,9 +53,9 @@ def run_serve(args: argparse.Namespace) -> int:
     from server.app import create_app  # noqa: PLC0415
     from server.settings import Settings  # noqa: PLC0415
 
-    given = {name: value for name, value in vars(args).items() if name in Settings.model_fields and value is not None}
+    explicit = {name: value for name, value in vars(args).items() if name in Settings.model_fields and value is not None}
     try:
-        settings = Settings(**given)
+        settings = Settings(**explicit)
     except ValidationError as e:
         for error in e.errors():
             flag = "--" + "-".join(str(part) for part in error["loc"]).replace("_", "-")

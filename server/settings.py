@@ -28,7 +28,7 @@ class DtypeChoice(enum.StrEnum):
 
 
 class SwapMode(enum.StrEnum):
-    """How a task's delta is put on the resident weights (see deltastore.apply)."""
+    """Swap mode: the way a task's delta is written onto the resident weights (see deltastore.apply)."""
 
     EXACT = "exact"  # save the base values, write base + delta; restore is bit-exact
     SUBTRACT = "subtract"  # add the delta, subtract it again; drifts in half precision
@@ -42,7 +42,7 @@ _TORCH_DTYPES = {
 
 
 class Settings(BaseSettings):
-    """Everything `deltamux serve` can be told; each field also reads DELTAMUX_<NAME>."""
+    """Every setting of `deltamux serve`; each field is also read from DELTAMUX_<NAME>."""
 
     model_config = SettingsConfigDict(env_prefix="DELTAMUX_", extra="forbid")
 

@@ -1,10 +1,11 @@
 """The delta store: a folder of `<task>.delta.safetensors` files made for one base.
 
 The store lists tasks from the files' metadata headers and skips (with a warning) any file made
-for another base, whose header is invalid, or whose tensors do not fit the model. Registration
-writes the upload to a hidden temporary file in the same folder, reads it in full (checksum,
-base fingerprint, tensor names and shapes) and only then renames it into place, so a task becomes
-visible complete or not at all.
+for another base, whose header is invalid, or whose tensors do not fit the model.
+
+Registration writes the upload to a hidden temporary file in the same folder and reads it in
+full (checksum, base fingerprint, tensor names and shapes). Only then is it renamed into place,
+so a task becomes visible complete or not at all.
 
 Each registration gets a new `version`; the engine and the residency cache key on
 (task, version), so a task deleted and registered again under the same name never runs with the

@@ -39,8 +39,8 @@ def make_delta(
             entries[name] = DenseEntry(shape=tuple(delta.shape), values=delta)
             continue
         flat = delta.reshape(-1)
-        kept = torch.rand(flat.numel(), generator=generator) < keep
-        indices = kept.nonzero().squeeze(-1)
+        keep_mask = torch.rand(flat.numel(), generator=generator) < keep
+        indices = keep_mask.nonzero().squeeze(-1)
         entries[name] = SparseEntry(shape=tuple(delta.shape), indices=indices, values=flat[indices])
     write_delta(
         out / f"{task}.delta.safetensors", task=task, base_fingerprint=base_fingerprint or fingerprint(base),

@@ -70,7 +70,7 @@ def test_reregistered_name_serves_new_delta(live, delta_files, references, token
     prompt = "I love this phone"
     ids = tokenizer(prompt)["input_ids"]
 
-    # The same name first holds gamma's delta, then (after a delete) beta's weights renamed.
+    # The same name first serves gamma's delta, then (after a delete) beta's delta under the new name.
     assert _upload(live, "delta2", _renamed(delta_files["gamma"], "delta2")).status_code == 201
     first = client.completions.create(model="delta2", prompt=prompt, max_tokens=12, temperature=0).choices[0].text
     assert first == greedy_text(references["gamma"], tokenizer, ids, max_tokens=12)[0]

@@ -68,8 +68,8 @@ def test_serve_flags_map_to_settings(tmp_path: Path) -> None:
          "--dtype", "float16"]
     )
     assert args.func is serve_cli.run_serve
-    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    settings = Settings(**given)
+    explicit = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**explicit)
     assert settings.port == 8200
     assert settings.max_batch_size == 3
     assert settings.dtype == "float16"

@@ -117,7 +117,7 @@ def test_device_tier_lru_eviction(tmp_path, tiny_base, delta_files, params) -> N
 
     assert residency.fetch(alpha).tier == "disk"
     assert residency.fetch(alpha).tier == TIER_DEVICE
-    assert residency.fetch(beta).tier == "disk"  # evicts alpha: the budget holds one delta
+    assert residency.fetch(beta).tier == "disk"  # evicts alpha: the budget fits one delta
     assert residency.resident(TIER_DEVICE) == ["beta"]
     assert residency.fetch(alpha).tier == "disk"  # on CPU the CPU tier is off, so back to disk
 
@@ -127,7 +127,7 @@ def test_device_tier_lru_eviction(tmp_path, tiny_base, delta_files, params) -> N
 
 
 def test_cpu_tier_serves_device_misses(tmp_path, tiny_base, delta_files, params) -> None:
-    # The meta device stands in for an accelerator: decode allocates nothing, but sizes are real.
+    # The meta device replaces an accelerator here: decode allocates nothing, but sizes are real.
     for task in ("alpha", "beta"):
         shutil.copy(delta_files[task], tmp_path)
     store = _store(tmp_path, tiny_base, params)
