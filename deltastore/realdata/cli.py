@@ -1,4 +1,6 @@
-"""Subcommands for the real base, task data and fine-tunes: fetch-base, prepare-data, finetune, score-task.
+"""Subcommands for the real base, task data and fine-tunes.
+
+fetch-base, prepare-data, render-data, finetune and score-task.
 
 `add_commands(subparsers)` registers them on the `deltamux` entry point. Each handler returns an
 exit code: 0 on success, 2 for invalid input (missing folder or file, empty or malformed data,
@@ -21,7 +23,7 @@ EXIT_INVALID = 2
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Register fetch-base, prepare-data, finetune and score-task."""
+    """Register fetch-base, prepare-data, render-data, finetune and score-task."""
     from deltastore.realdata.finetune import FinetuneConfig, OPTIMIZERS
     from deltastore.realdata.tasks import SPLITS, TASKS
 
@@ -57,6 +59,12 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     tune.add_argument("--resume", action="store_true", help="continue the unfinished run in --out")
     tune.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     tune.set_defaults(func=_run_finetune)
+
+    render = subparsers.add_parser("render-data", help="write a task file with prompts rendered to text by a model's chat template")
+    render.add_argument("--base", type=Path, required=True, help="model folder whose tokenizer and chat template render the prompts")
+    render.add_argument("--data", type=Path, required=True, help="task JSONL with chat-message prompts")
+    render.add_argument("--out", type=Path, required=True, help="output JSONL with text prompts")
+    render.set_defaults(func=_run_render_data)
 
     score = subparsers.add_parser("score-task", help="score a model folder on a task split (accuracy, exact match or NLL)")
     score.add_argument("--model", type=Path, required=True, help="model folder (Hugging Face layout)")
@@ -123,6 +131,24 @@ def _run_finetune(args: argparse.Namespace) -> int:
         logger.error("%s", e)
         return EXIT_INVALID
     print(f"{result.out}\tloss {result.first_loss:.4f} -> {result.final_loss:.4f} in {result.steps} steps")
+    return EXIT_OK
+
+
+def _run_render_data(args: argparse.Namespace) -> int:
+    from transformers import AutoTokenizer
+
+    from deltastore.realdata.encoding import render_file
+
+    if not (args.base / "tokenizer_config.json").is_file():
+        logger.error("%r has no tokenizer_config.json; pass a Hugging Face model folder", str(args.base))
+        return EXIT_INVALID
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.base, local_files_only=True)
+        count = render_file(tokenizer, args.data, args.out)
+    except ValueError as e:  # DataFileError, or a tokenizer without a chat template
+        logger.error("%s", e)
+        return EXIT_INVALID
+    print(f"{args.out}\t{count} examples")
     return EXIT_OK
 
 

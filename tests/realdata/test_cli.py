@@ -28,8 +28,9 @@ def test_commands_registered():
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers(dest="command")
     add_commands(subparsers)
-    assert {"fetch-base", "prepare-data", "finetune", "score-task"} <= set(subparsers.choices)
-    for name in ("fetch-base", "prepare-data", "finetune", "score-task"):
+    names = ("fetch-base", "prepare-data", "render-data", "finetune", "score-task")
+    assert set(names) <= set(subparsers.choices)
+    for name in names:
         assert callable(subparsers.choices[name].get_default("func"))
 
 
@@ -95,4 +96,20 @@ def test_score_task_on_tiny_model(tiny_base: Path, tmp_path: Path, capsys: pytes
 
 def test_score_task_missing_split_exits_2(tiny_base: Path, tmp_path: Path):
     code = _run(["score-task", "--model", str(tiny_base), "--task", "sentiment", "--data-dir", str(tmp_path)])
+    assert code == EXIT_INVALID
+
+
+def test_render_data_writes_text_prompts(tiny_base: Path, tmp_path: Path):
+    source = _task_file(tmp_path / "t.jsonl", [{"prompt": [{"role": "user", "content": "2 plus 2"}], "completion": "4", "answer": "4"}])
+    out = tmp_path / "rendered.jsonl"
+    assert _run(["render-data", "--base", str(tiny_base), "--data", str(source), "--out", str(out)]) == EXIT_OK
+    [record] = [json.loads(line) for line in out.read_text().splitlines()]
+    assert record["prompt"] == "<|im_start|>user\n2 plus 2<|im_end|>\n<|im_start|>assistant\n"
+    assert record["completion"] == "4"
+    assert record["answer"] == "4"
+
+
+def test_render_data_missing_base_exits_2(tmp_path: Path):
+    source = _task_file(tmp_path / "t.jsonl", [{"prompt": "a", "completion": "b"}])
+    code = _run(["render-data", "--base", str(tmp_path / "nobase"), "--data", str(source), "--out", str(tmp_path / "o.jsonl")])
     assert code == EXIT_INVALID
