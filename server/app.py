@@ -25,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from deltastore.apply import model_params
-from deltastore.checkpoint import CheckpointError, fingerprint
+from deltastore.checkpoint import Checkpoint, fingerprint
 from deltastore.format import DeltaFormatError
 from server.engine import Engine
 from server.errors import APIError, install_error_handlers
@@ -89,7 +89,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
 
     weight_bytes = sum(p.numel() * p.element_size() for p in params.values())
     logger.info(
-        "base %s (%s): %d parameters, %d bytes, context %d tokens",
+        "base model %s (%s): %d parameters, %d bytes, context %d tokens",
         base_name, base, sum(p.numel() for p in params.values()), weight_bytes, context_length,
     )
     logger.info("device %s, dtype %s (%s), swap mode %s", placement.device, placement.dtype, placement.reason,
@@ -103,35 +103,60 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
 
 
 def get_runtime(request: Request) -> Runtime:
-    """Return the loaded runtime; raise a 503 APIError while the server starts or stops."""
-    runtime = getattr(request.app.state, "runtime", None)
-    if runtime is None or not runtime.engine.running:
+    """Return the loaded runtime; raise a 503 APIError while the server loads, has failed or stops."""
+    state = request.app.state
+    if state.load_error is not None:
+        raise APIError(503, f"the server is not ready: loading the base model failed: {state.load_error}")
+    if state.runtime is None or not state.runtime.engine.running:
         raise APIError(503, "the server is not ready: the base model is loading or the engine has stopped")
-    return runtime
+    return state.runtime
+
+
+async def _load_in_background(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """Load the runtime off the event loop and start the engine; record the error if loading fails."""
+    try:
+        runtime = await asyncio.to_thread(load_runtime, settings, metrics)
+    except Exception as e:  # any failure leaves a live process that reports it on /health and /ready
+        logger.exception("loading the base model from %s failed", settings.base)
+        app.state.load_error = f"{type(e).__name__}: {e}"
+        return
+    runtime.engine.start()
+    app.state.runtime = runtime
+    logger.info("ready: serving %s and %d tasks", runtime.base_name, len(runtime.store.tasks()))
 
 
 def create_app(settings: Settings) -> FastAPI:
-    """Build the app; the base model loads when the lifespan starts."""
+    """Build the app; the lifespan checks the settings and starts loading the base model.
+
+    Cheap checks (device, dtype, the base folder's layout) run before the server accepts
+    connections, so a wrong path fails `deltamux serve` at once. The weights then load in the
+    background: /health answers 200 while they load (503 if loading failed), and /ready turns 200
+    once the engine runs.
+    """
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
-            runtime = await asyncio.to_thread(load_runtime, settings, metrics)
-        except (CheckpointError, OSError, ValueError) as e:
-            logger.error("cannot load the base model from %s: %s", settings.base, e)
+            resolve_placement(settings)
+            Checkpoint.open(settings.base)
+        except ValueError as e:  # CheckpointError is a ValueError
+            logger.error("cannot start: %s", e)
             raise
-        runtime.engine.start()
-        app.state.runtime = runtime
-        logger.info("ready: serving %s and %d tasks", runtime.base_name, len(runtime.store.tasks()))
+        loader = asyncio.create_task(_load_in_background(app, settings, metrics))
         try:
             yield
         finally:
-            app.state.runtime = None
-            await asyncio.to_thread(runtime.engine.stop)
+            if not loader.done():
+                logger.info("waiting for the base model to finish loading before shutting down")
+            await loader
+            runtime, app.state.runtime = app.state.runtime, None
+            if runtime is not None:
+                await asyncio.to_thread(runtime.engine.stop)
 
     app = FastAPI(title="deltamux", lifespan=lifespan)
     app.state.runtime = None
+    app.state.load_error = None
     app.state.metrics = metrics
     install_error_handlers(app)
 
@@ -140,15 +165,15 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(completions_router)
 
     @app.get("/health")
-    async def health() -> dict:
+    async def health(request: Request) -> dict:
+        if request.app.state.load_error is not None:
+            raise APIError(503, f"loading the base model failed: {request.app.state.load_error}")
         return {"status": "ok"}
 
     @app.get("/ready")
-    async def ready(request: Request) -> Response:
-        runtime = getattr(request.app.state, "runtime", None)
-        if runtime is None or not runtime.engine.running:
-            raise APIError(503, "not ready: the base model is loading or the engine has stopped")
-        return Response(content='{"status":"ready"}', media_type="application/json")
+    async def ready(request: Request) -> dict:
+        get_runtime(request)
+        return {"status": "ready"}
 
     @app.get("/metrics")
     async def metrics_route() -> Response:

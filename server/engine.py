@@ -212,7 +212,13 @@ class Engine:
                 task = min((q[0].arrival, name) for name, q in self._queues.items() if q)[1]
 
             # 2. Put that task's weights in place; on failure its queued requests fail.
-            if not self._switch_to(task):
+            try:
+                switched = self._switch_to(task)
+            except Exception as e:  # an unexpected swap failure must not kill the loop that serves every task
+                logger.exception("swap to task %s failed", task)
+                self._fail_queue(task, ErrorKind.INTERNAL, f"switching to task {task!r} failed: {e}")
+                continue
+            if not switched:
                 continue
 
             # 3. Serve the task's queue in batches until it is empty or its time slice is over.
@@ -313,6 +319,8 @@ class Engine:
         apply_s = 0.0
         if fetched is not None:
             start = time.perf_counter()
+            # NOTE: apply checks every target tensor before it writes, so a failure leaves the base
+            # intact. Only a device error in the middle of the writes (out of memory) could not be undone.
             applied = apply(self.params, fetched.decoded, mode=self.swap_mode)
             synchronize(self.device)
             apply_s = time.perf_counter() - start

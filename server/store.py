@@ -101,7 +101,7 @@ class Store:
                 found[entry.task] = entry
         with self._lock:
             self._tasks = found
-        logger.info("delta store %s: %d tasks, %d bytes", self.folder, len(found), self.total_bytes())
+        logger.debug("scanned %s: %d usable delta files", self.folder, len(found))
 
     def tasks(self) -> list[StoredTask]:
         with self._lock:

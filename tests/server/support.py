@@ -104,8 +104,12 @@ class LiveServer:
         self.thread.join(timeout=60)
 
 
-def start_server(settings: Settings, *, ready_timeout: float = 120.0) -> LiveServer:
-    """Start the app on a loopback socket bound here (port 0), so no other process can take the port."""
+def start_server(settings: Settings, *, ready_timeout: float = 120.0, wait_path: str = "/ready") -> LiveServer:
+    """Start the app on a loopback socket bound here (port 0), so no other process can take the port.
+
+    Returns once `wait_path` answers 200, or once it answers at all when `wait_path` is /health
+    (which is 503 after a failed load).
+    """
     app = create_app(settings)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -121,7 +125,8 @@ def start_server(settings: Settings, *, ready_timeout: float = 120.0) -> LiveSer
         if not thread.is_alive():
             raise RuntimeError("the server thread exited during start-up; see the log above")
         try:
-            if httpx.get(f"{base_url}/ready", timeout=2).status_code == 200:
+            status = httpx.get(f"{base_url}{wait_path}", timeout=2).status_code
+            if status == 200 or wait_path == "/health":
                 return LiveServer(app=app, server=server, thread=thread, base_url=base_url, store=Path(settings.store))
         except httpx.TransportError:
             pass

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from deltastore.apply import model_params
 from server.app import Runtime, load_runtime
@@ -120,3 +121,28 @@ def test_cancelled_queued_request_skipped(runtime) -> None:
     runtime.engine.submit([skipped, kept])
     assert recorder.all_done.wait(120)
     assert recorder.finished == [("alpha", 1)]
+
+
+def test_subtract_mode_serves_same_tokens(tiny_base, delta_files, tmp_path) -> None:
+    # In float32, base + delta is the same sum in both modes; only the restore differs (it drifts).
+    shutil.copy(delta_files["alpha"], tmp_path)
+    settings = Settings(base=tiny_base, store=tmp_path, device="cpu", base_name="base", swap_mode="subtract")
+    runtime = load_runtime(settings, Metrics())
+    recorder = Recorder()
+    requests = [recorder.request("alpha", 0, max_tokens=9), recorder.request("base", 1, max_tokens=9)]
+    runtime.engine.start()
+    try:
+        for request in requests:
+            runtime.engine.submit([request])
+            time.sleep(0.01)
+        assert recorder.all_done.wait(120)
+    finally:
+        runtime.engine.stop()
+
+    reference = reference_model(tiny_base, delta_files["alpha"])
+    with torch.no_grad():
+        expected = reference.generate(torch.tensor([[5, 9, 13]]), max_new_tokens=9, do_sample=False)[0, 3:].tolist()
+    assert recorder.events[("alpha", 0)].completion.token_ids == expected
+    fresh = model_params(reference_model(tiny_base, None))
+    drift = max((runtime.engine.params[name] - fresh[name]).abs().max().item() for name in fresh)
+    assert drift < 1e-5
