@@ -130,7 +130,7 @@ def create_app(settings: Settings) -> FastAPI:
 
     Cheap checks (device, dtype, the base folder's layout) run before the server accepts
     connections, so a wrong path fails `deltamux serve` at once. The weights then load in the
-    background: /health answers 200 while they load (503 if loading failed), and /ready turns 200
+    background: /health returns 200 while they load (503 if loading failed), and /ready returns 200
     once the engine runs.
     """
     metrics = Metrics()

@@ -194,3 +194,17 @@ def test_concurrent_mixed_tasks_match_single_tenant(live, references, tokenizer,
     assert live.runtime.engine.current_task == BASE_ID
     fresh = reference_model(tiny_base, None)
     assert weights_hash(live.runtime.engine.params) == weights_hash(model_params(fresh))
+
+
+def test_stream_disconnect_cancels_request(live) -> None:
+    registry = live.runtime.metrics.registry
+    finished = registry.get_sample_value("deltamux_request_latency_seconds_count", {"task": "beta"}) or 0.0
+    body = {"model": "beta", "prompt": "I", "max_tokens": 120, "temperature": 1.0, "stream": True}
+    with httpx.stream("POST", f"{live.base_url}/v1/completions", json=body, timeout=60) as response:
+        first = next(line for line in response.iter_lines() if line)
+    assert first.startswith("data: {")
+
+    # The cancelled request leaves the batch without a result, so no latency is recorded for it.
+    _client(live).completions.create(model="beta", prompt="I", max_tokens=2, temperature=0)
+    after = registry.get_sample_value("deltamux_request_latency_seconds_count", {"task": "beta"})
+    assert after == finished + 1
