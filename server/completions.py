@@ -21,7 +21,7 @@ from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 
 from server.app import Runtime, get_runtime
-from server.engine import DoneEvent, EngineRequest, EngineStopped, ErrorEvent, ErrorKind, Event, TextEvent
+from server.engine import DoneEvent, EngineRequest, EngineStopped, ErrorEvent, ErrorKind, Event, QueueFull, TextEvent
 from server.errors import APIError, error_body
 from server.generation import Completion, SamplingParams
 from server.protocol import (
@@ -139,6 +139,8 @@ class _Submission:
             runtime.engine.submit(requests)
         except EngineStopped as e:
             raise APIError(503, str(e)) from e
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full") from e
         return cls(requests=requests, queue=queue)
 
     async def events(self) -> AsyncIterator[Event]:

@@ -91,6 +91,10 @@ class EngineStopped(RuntimeError):
     """The engine is not running, so it takes no requests."""
 
 
+class QueueFull(RuntimeError):
+    """Queuing the requests would exceed `max_queued_requests`."""
+
+
 @dataclass
 class _Applied:
     task: str
@@ -115,6 +119,7 @@ class Engine:
         max_batch_size: int,
         time_slice: float,
         max_batch_wait: float,
+        max_queued_requests: int,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -127,6 +132,7 @@ class Engine:
         self.max_batch_size = max_batch_size
         self.time_slice = time_slice
         self.max_batch_wait = max_batch_wait
+        self.max_queued_requests = max_queued_requests
         self.device = next(model.parameters()).device
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.pad_token_id = _pad_token_id(tokenizer, self.eos_token_ids)
@@ -177,6 +183,11 @@ class Engine:
         with self._cond:
             if self._stopping:
                 raise EngineStopped("the engine has stopped; the server is shutting down")
+            queued = sum(len(queue) for queue in self._queues.values())
+            if queued + len(requests) > self.max_queued_requests:
+                raise QueueFull(
+                    f"{queued} requests are already queued (max_queued_requests {self.max_queued_requests}); retry later"
+                )
             for request in requests:
                 self._queues.setdefault(request.task, deque()).append(request)
             for task in {request.task for request in requests}:

@@ -31,6 +31,7 @@ _TYPE_BY_STATUS = {
     409: CONFLICT,
     413: INVALID_REQUEST,
     422: INVALID_REQUEST,
+    429: "rate_limit_error",
     503: UNAVAILABLE,
 }
 

@@ -10,19 +10,35 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 MAX_STOP_SEQUENCES = 4  # the limit OpenAI documents for `stop`
 MAX_CHOICES = 16  # prompts times n in one request; each choice is its own engine request
 
 
 class _Strict(BaseModel):
-    # Extra OpenAI fields the server does not implement (logprobs, user, ...) are ignored.
+    # Unknown fields (user, metadata, ...) are ignored; unsupported sampling options are rejected below.
     model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Strict):
     include_usage: bool = False
+
+
+# OpenAI fields the server does not implement, with the values that ask for nothing; any other
+# value is rejected with a 400 instead of being ignored silently.
+_UNSUPPORTED_NEUTRAL: dict[str, tuple[Any, ...]] = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "suffix": (None, ""),
+    "best_of": (None, 1),
+    "logit_bias": (None, {}),
+    "presence_penalty": (None, 0, 0.0),
+    "frequency_penalty": (None, 0, 0.0),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "response_format": (None, {"type": "text"}),
+}
 
 
 class SamplingFields(_Strict):
@@ -37,6 +53,23 @@ class SamplingFields(_Strict):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    logprobs: Any = None
+    top_logprobs: Any = None
+    suffix: Any = None
+    best_of: Any = None
+    logit_bias: Any = None
+    presence_penalty: Any = None
+    frequency_penalty: Any = None
+    tools: Any = None
+    tool_choice: Any = None
+    response_format: Any = None
+
+    @field_validator(*_UNSUPPORTED_NEUTRAL, mode="before")
+    @classmethod
+    def _reject_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
+        if not any(value == neutral and type(value) is type(neutral) for neutral in _UNSUPPORTED_NEUTRAL[info.field_name]):
+            raise ValueError(f"{info.field_name} is not supported by this server; leave it out of the request")
+        return value
 
     @field_validator("stop")
     @classmethod

@@ -69,6 +69,9 @@ class Settings(BaseSettings):
     max_tokens_default: int = Field(
         256, ge=1, description="Completion tokens generated when a request sets no max_tokens."
     )
+    max_queued_requests: int = Field(
+        1024, ge=1, description="Requests waiting over all task queues before new ones get 429 Too Many Requests."
+    )
     max_upload_bytes: int = Field(16 << 30, ge=1, description="Largest delta file POST /v1/deltas accepts.")
     base_name: str | None = Field(
         None, description="Model id that serves the base itself; defaults to the base folder's name."

@@ -13,7 +13,7 @@ import torch
 
 from deltastore.apply import model_params
 from server.app import Runtime, load_runtime
-from server.engine import DoneEvent, EngineRequest, EngineStopped, ErrorEvent, ErrorKind, Event
+from server.engine import DoneEvent, EngineRequest, EngineStopped, ErrorEvent, ErrorKind, Event, QueueFull
 from server.generation import SamplingParams
 from server.metrics import Metrics
 from server.settings import Settings
@@ -146,3 +146,12 @@ def test_subtract_mode_serves_same_tokens(tiny_base, delta_files, tmp_path) -> N
     fresh = model_params(reference_model(tiny_base, None))
     drift = max((runtime.engine.params[name] - fresh[name]).abs().max().item() for name in fresh)
     assert drift < 1e-5
+
+
+def test_queue_limit_rejects_whole_submission(runtime) -> None:
+    runtime.engine.max_queued_requests = 3
+    recorder = Recorder()
+    runtime.engine.submit([recorder.request("alpha", i) for i in range(2)])
+    with pytest.raises(QueueFull, match="max_queued_requests 3"):
+        runtime.engine.submit([recorder.request("beta", i) for i in range(2)])
+    assert runtime.engine.queue_depths() == {"alpha": 2}

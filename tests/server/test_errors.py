@@ -123,3 +123,33 @@ def test_empty_prompt_400(live) -> None:
 def test_unknown_route_404_in_openai_shape(live) -> None:
     _assert_openai_error(httpx.get(f"{live.base_url}/v1/nothing-here"), 404)
     _assert_openai_error(httpx.get(f"{live.base_url}/v1/completions"), 405)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("logprobs", 2), ("presence_penalty", 0.5), ("frequency_penalty", -1.0), ("best_of", 3), ("logit_bias", {"5": 10})],
+)
+def test_unsupported_options_400(live, field: str, value) -> None:
+    response = httpx.post(
+        f"{live.base_url}/v1/completions", json={"model": BASE_ID, "prompt": "I", "max_tokens": 2, field: value}
+    )
+    error = _assert_openai_error(response, 400)
+    assert error["param"] == field
+    assert "not supported" in error["message"]
+
+
+def test_neutral_unsupported_values_accepted(live) -> None:
+    body = {"model": BASE_ID, "prompt": "I", "max_tokens": 2, "logprobs": None, "presence_penalty": 0, "best_of": 1}
+    assert httpx.post(f"{live.base_url}/v1/completions", json=body).status_code == 200
+
+
+def test_queue_full_429(live) -> None:
+    engine = live.runtime.engine
+    limit = engine.max_queued_requests
+    engine.max_queued_requests = 0
+    try:
+        with pytest.raises(openai.RateLimitError) as caught:
+            _client(live).completions.create(model=BASE_ID, prompt="I", max_tokens=2)
+        assert caught.value.body["code"] == "queue_full"
+    finally:
+        engine.max_queued_requests = limit
