@@ -93,7 +93,7 @@ class _TextTracker:
         self.ids.append(token_id)
         # NOTE: decoding all ids each step costs O(n^2) in the output length, which is cheap for a few
         # hundred tokens. It keeps the text equal to one decode of the whole output for every
-        # tokenizer; a windowed decode would be needed for outputs of many thousands of tokens.
+        # tokenizer. Outputs of many thousands of tokens would need a windowed decode.
         self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
 
         # 1. A stop sequence ends the output just before it; the stop itself is never returned.

@@ -25,8 +25,8 @@ class StreamOptions(_Strict):
     include_usage: bool = False
 
 
-# OpenAI fields the server does not implement, with the values that ask for nothing; any other
-# value is rejected with a 400 instead of being ignored silently.
+# OpenAI fields the server does not implement, with the values that ask for nothing. Any other
+# value is rejected with a 400, because ignoring it would return results the client did not ask for.
 _UNSUPPORTED_NEUTRAL: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False, 0),
     "top_logprobs": (None, 0),
