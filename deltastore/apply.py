@@ -8,6 +8,9 @@ parameter tensors themselves, on whatever device they live, in float32, bfloat16
   float32 and rounded once to the weight's dtype;
 - `restore` writes the saved values back, so the base is bit-identical afterwards in every dtype.
 
+Structurally pruned tensors (whole rows or columns) are applied as dense line updates with
+`index_select` / `index_copy_` along their axis, so a kept row is one contiguous write.
+
 The `subtract` mode adds the delta in the weight's dtype and later subtracts it. It needs no
 saved copy but drifts in half precision, because `(w + d) - d` is rounded twice; it is kept as
 a baseline for comparison.
@@ -20,18 +23,23 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deltastore.format import DeltaFile, DeltaFormatError, DeltaMetadata, DenseEntry
+from deltastore.format import DeltaFile, DeltaFormatError, DeltaMetadata, DenseEntry, Entry, StructuredEntry
 
 APPLY_MODES = ("exact", "subtract")
 
 
 @dataclass
 class DecodedTensor:
-    """One delta tensor ready for a device: flat positions (None when dense) and float32 values."""
+    """One delta tensor ready for a device: positions (None when dense) and float32 values.
+
+    With `axis` None, `indices` are flat positions. With `axis` 0 or 1, they are the kept row or
+    column numbers and `values` holds those whole lines, shaped (lines, in) or (out, lines).
+    """
 
     name: str
     indices: torch.Tensor | None  # (nnz,) int64, or None for a dense delta
     values: torch.Tensor  # (nnz,) float32, or the full shape when dense
+    axis: int | None = None
 
     @property
     def nbytes(self) -> int:
@@ -96,15 +104,18 @@ def check_compatible(metadata: DeltaMetadata, params: Mapping[str, torch.Tensor]
 def decode(delta: DeltaFile, *, device: torch.device | str = "cpu") -> DecodedDelta:
     """Move a delta file's entries onto `device` as index and float32 value tensors."""
     device = torch.device(device)
-    tensors = []
-    for name in sorted(delta.entries):
-        entry = delta.entries[name]
-        values = entry.values.to(device=device, dtype=torch.float32)
-        if isinstance(entry, DenseEntry):
-            tensors.append(DecodedTensor(name=name, indices=None, values=values.reshape(entry.shape)))
-        else:
-            tensors.append(DecodedTensor(name=name, indices=entry.indices.to(device=device, dtype=torch.int64), values=values))
+    tensors = [decode_entry(name, delta.entries[name], device=device) for name in sorted(delta.entries)]
     return DecodedDelta(task=delta.metadata.task, tensors=tensors, device=device, nnz=delta.metadata.nnz)
+
+
+def decode_entry(name: str, entry: Entry, *, device: torch.device | str = "cpu") -> DecodedTensor:
+    """Move one entry onto `device` as index and float32 value tensors."""
+    values = entry.values.to(device=device, dtype=torch.float32)
+    if isinstance(entry, DenseEntry):
+        return DecodedTensor(name=name, indices=None, values=values.reshape(entry.shape))
+    indices = entry.indices.to(device=device, dtype=torch.int64)
+    axis = entry.axis if isinstance(entry, StructuredEntry) else None
+    return DecodedTensor(name=name, indices=indices, values=values, axis=axis)
 
 
 @torch.no_grad()
@@ -127,6 +138,10 @@ def apply(params: Mapping[str, torch.Tensor], decoded: DecodedDelta, *, mode: st
                 applied.saved.append(None)
             continue
 
+        if tensor.axis is not None:
+            applied.saved.append(_apply_lines(weight, tensor, mode))
+            continue
+
         flat = weight.view(-1)
         if mode == "exact":
             saved = flat.index_select(0, tensor.indices)
@@ -146,7 +161,12 @@ def restore(params: Mapping[str, torch.Tensor], applied: AppliedDelta) -> None:
         raise RuntimeError(f"delta {applied.task!r} was already restored; restoring twice would corrupt the base")
     for tensor, saved in zip(applied.decoded.tensors, applied.saved):
         weight = params[tensor.name].data
-        if applied.mode == "exact":
+        if tensor.axis is not None:
+            if applied.mode == "exact":
+                weight.index_copy_(tensor.axis, tensor.indices, saved)
+            else:
+                weight.index_add_(tensor.axis, tensor.indices, tensor.values.to(weight.dtype), alpha=-1)
+        elif applied.mode == "exact":
             if tensor.indices is None:
                 weight.copy_(saved)
             else:
@@ -156,6 +176,17 @@ def restore(params: Mapping[str, torch.Tensor], applied: AppliedDelta) -> None:
         else:
             weight.view(-1).index_add_(0, tensor.indices, tensor.values.to(weight.dtype), alpha=-1)
     applied.restored = True
+
+
+def _apply_lines(weight: torch.Tensor, tensor: DecodedTensor, mode: str) -> torch.Tensor | None:
+    """Add whole rows or columns of a structured delta; return the saved base lines in exact mode."""
+    if mode == "exact":
+        saved = weight.index_select(tensor.axis, tensor.indices)  # (lines, in) or (out, lines)
+        # Sum in float32 and round once, as for flat positions.
+        weight.index_copy_(tensor.axis, tensor.indices, (saved.float() + tensor.values).to(weight.dtype))
+        return saved
+    weight.index_add_(tensor.axis, tensor.indices, tensor.values.to(weight.dtype))
+    return None
 
 
 def _target(params: Mapping[str, torch.Tensor], tensor: DecodedTensor, decoded: DecodedDelta) -> torch.Tensor:
@@ -171,4 +202,12 @@ def _target(params: Mapping[str, torch.Tensor], tensor: DecodedTensor, decoded: 
         )
     if tensor.indices is None and tuple(weight.shape) != tuple(tensor.values.shape):
         raise DeltaFormatError(f"delta {decoded.task!r}: dense tensor {tensor.name!r} has shape {tuple(tensor.values.shape)}, the model's {tuple(weight.shape)}")
+    if tensor.axis is not None:
+        lines = tensor.indices.numel()
+        expected = (lines, weight.shape[1]) if tensor.axis == 0 else (weight.shape[0], lines)
+        if weight.dim() != 2 or tuple(tensor.values.shape) != expected:
+            raise DeltaFormatError(
+                f"delta {decoded.task!r}: tensor {tensor.name!r} keeps lines of shape {tuple(tensor.values.shape)} "
+                f"along axis {tensor.axis}, which does not fit the model's shape {tuple(weight.shape)}"
+            )
     return weight

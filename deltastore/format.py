@@ -11,6 +11,12 @@ stored divided by a per-tensor power of two (`scale`), so small deltas keep full
 precision instead of falling into its subnormal range; dividing by a power of two is exact.
 Tensors kept in full are stored as `NAME:dense` float32 deltas.
 
+Structurally pruned 2-D tensors keep whole rows (kind `rows`) or whole columns (kind `columns`):
+`NAME:lines` int32 holds the kept row (or column) numbers and `NAME:values` the kept lines as one
+2-D array, so a kept value costs its value bytes only. With the `int8` value dtype, values are
+stored as symmetric int8 with one float32 scale per block of `INT8_BLOCK` values
+(`NAME:scales`), in storage order, for sparse, rows and columns tensors alike.
+
 All other facts live in one JSON object under the `deltamux` key of the safetensors metadata:
 format version, task, base fingerprint, method and parameters, per-tensor kind, shape, nnz,
 value dtype and scale, and a SHA-256 checksum over that object and every stored array. The full
@@ -41,7 +47,13 @@ BLOCK_SIZE = 1 << 16  # flat positions per block, so an offset fits in 16 bits
 METADATA_KEY = "deltamux"
 MAX_HEADER_BYTES = 64 << 20  # a delta header with a million tensors stays well below this
 FILE_SUFFIX = ".delta.safetensors"
-VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+VALUE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "int8": torch.int8}
+INT8_BLOCK = 1024  # values that share one int8 scale: 4 bytes of scale per 1024 values
+INT8_MAX = 127
+# Entry kinds and, for the structured kinds, the axis whose lines are kept whole.
+STRUCTURED_AXES = {"rows": 0, "columns": 1}
+KINDS = ("sparse", "dense", *STRUCTURED_AXES)
+_STORED_VALUE_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "int8": "I8"}
 
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _STORED_DTYPES = {
@@ -50,6 +62,7 @@ _STORED_DTYPES = {
     "BF16": (torch.bfloat16, 2),
     "I32": (torch.int32, 4),
     "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
 }
 
 
@@ -78,14 +91,38 @@ class DenseEntry:
     values: torch.Tensor  # (*shape) float32
 
 
-Entry = SparseEntry | DenseEntry
+@dataclass(frozen=True)
+class StructuredEntry:
+    """A 2-D delta pruned by whole rows (axis 0) or whole columns (axis 1).
+
+    `indices` are the kept row (or column) numbers, sorted and unique; `values` holds those lines
+    in full: shape (len(indices), shape[1]) for rows, (shape[0], len(indices)) for columns.
+    """
+
+    shape: tuple[int, ...]
+    axis: int
+    indices: torch.Tensor  # (lines,) int64
+    values: torch.Tensor  # (lines, in) or (out, lines) float32
+
+    @property
+    def kind(self) -> str:
+        return "rows" if self.axis == 0 else "columns"
+
+
+Entry = SparseEntry | DenseEntry | StructuredEntry
+
+
+def structured_values_shape(shape: tuple[int, ...], axis: int, lines: int) -> tuple[int, int]:
+    """Return the shape of the stored values of a structured entry that keeps `lines` lines."""
+    rows, columns = shape
+    return (lines, columns) if axis == 0 else (rows, lines)
 
 
 @dataclass(frozen=True)
 class TensorInfo:
     """Per-tensor facts from the file's metadata."""
 
-    kind: str  # "sparse" or "dense"
+    kind: str  # "sparse", "dense", "rows" or "columns"
     shape: tuple[int, ...]
     nnz: int
     value_dtype: str
@@ -235,8 +272,10 @@ def _encode_entry(name: str, entry: Entry, value_dtype: str) -> tuple[dict[str, 
             raise ValueError(f"dense entry {name!r} has values of shape {tuple(values.shape)}, expected {shape}")
         _check_finite(name, values)
         return {f"{name}:dense": values}, TensorInfo("dense", shape, numel, "float32", 1.0, values.numel() * 4)
+    if isinstance(entry, StructuredEntry):
+        return _encode_structured(name, entry, shape, value_dtype)
     if not isinstance(entry, SparseEntry):
-        raise TypeError(f"entry {name!r} is a {type(entry).__name__}; expected SparseEntry or DenseEntry")
+        raise TypeError(f"entry {name!r} is a {type(entry).__name__}; expected SparseEntry, DenseEntry or StructuredEntry")
 
     indices = entry.indices.detach().to("cpu", torch.int64).reshape(-1)
     values = entry.values.detach().to("cpu", torch.float32).reshape(-1)
@@ -258,6 +297,44 @@ def _encode_entry(name: str, entry: Entry, value_dtype: str) -> tuple[dict[str, 
     offsets = indices & 0xFFFF
     offsets = torch.where(offsets >= 1 << 15, offsets - (1 << 16), offsets).to(torch.int16)
 
+    value_arrays, scale = _encode_values(name, values, value_dtype)
+    arrays = {f"{name}:counts": counts, f"{name}:offsets": offsets, **value_arrays}
+    return arrays, TensorInfo("sparse", shape, int(indices.numel()), value_dtype, scale, _nbytes(arrays))
+
+
+def _encode_structured(
+    name: str, entry: StructuredEntry, shape: tuple[int, ...], value_dtype: str
+) -> tuple[dict[str, torch.Tensor], TensorInfo]:
+    if len(shape) != 2 or entry.axis not in (0, 1):
+        raise ValueError(
+            f"structured entry {name!r} needs a 2-D shape and axis 0 (rows) or 1 (columns), "
+            f"got shape {shape} and axis {entry.axis!r}"
+        )
+    lines = entry.indices.detach().to("cpu", torch.int64).reshape(-1)
+    values = entry.values.detach().to("cpu", torch.float32)
+    expected = structured_values_shape(shape, entry.axis, lines.numel())
+    if tuple(values.shape) != expected:
+        raise ValueError(f"{entry.kind} entry {name!r} has values of shape {tuple(values.shape)}, expected {expected}")
+    if lines.numel():
+        if int(lines.min()) < 0 or int(lines.max()) >= shape[entry.axis]:
+            raise ValueError(f"{entry.kind} entry {name!r} keeps lines outside [0, {shape[entry.axis]}) for shape {shape}")
+        if lines.numel() > 1 and not bool((lines[1:] > lines[:-1]).all()):
+            raise ValueError(f"{entry.kind} entry {name!r} has unsorted or repeated line numbers")
+    _check_finite(name, values)
+
+    value_arrays, scale = _encode_values(name, values.contiguous(), value_dtype)
+    arrays = {f"{name}:lines": lines.to(torch.int32), **value_arrays}
+    return arrays, TensorInfo(entry.kind, shape, values.numel(), value_dtype, scale, _nbytes(arrays))
+
+
+def _nbytes(arrays: Mapping[str, torch.Tensor]) -> int:
+    return sum(array.numel() * array.element_size() for array in arrays.values())
+
+
+def _encode_values(name: str, values: torch.Tensor, value_dtype: str) -> tuple[dict[str, torch.Tensor], float]:
+    """Return the stored value arrays (`NAME:values`, and `NAME:scales` for int8) and the tensor scale."""
+    if value_dtype == "int8":
+        return _encode_int8(name, values), 1.0
     scale = 1.0
     if value_dtype == "float16" and values.numel():
         peak = float(values.abs().max())
@@ -266,11 +343,26 @@ def _encode_entry(name: str, entry: Entry, value_dtype: str) -> tuple[dict[str, 
             scale = 2.0 ** (math.floor(math.log2(peak)) - 14)
     stored_values = (values / scale).to(VALUE_DTYPES[value_dtype])
     if not bool(torch.isfinite(stored_values).all()):
-        raise ValueError(f"sparse entry {name!r} overflows {value_dtype}; store it with value dtype float32")
+        raise ValueError(f"entry {name!r} overflows {value_dtype}; store it with value dtype float32")
+    return {f"{name}:values": stored_values}, scale
 
-    nbytes = counts.numel() * 4 + offsets.numel() * 2 + stored_values.numel() * stored_values.element_size()
-    arrays = {f"{name}:counts": counts, f"{name}:offsets": offsets, f"{name}:values": stored_values}
-    return arrays, TensorInfo("sparse", shape, int(indices.numel()), value_dtype, scale, nbytes)
+
+def _encode_int8(name: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Quantize `values` to symmetric int8, one float32 scale per INT8_BLOCK values in storage order.
+
+    Each block's scale is its largest magnitude over 127, so a decoded value is within half a
+    scale of the original and the largest one is exact up to float32 rounding.
+    """
+    flat = values.reshape(-1)
+    blocks = -(-flat.numel() // INT8_BLOCK)
+    padded = torch.zeros(blocks * INT8_BLOCK, dtype=torch.float32)
+    padded[: flat.numel()] = flat
+    padded = padded.view(blocks, INT8_BLOCK)  # (blocks, INT8_BLOCK)
+    scales = padded.abs().amax(dim=1) / INT8_MAX  # (blocks,)
+    # An all-zero block keeps scale 0; dividing by 1 there leaves its zeros unchanged.
+    quantized = torch.round(padded / torch.where(scales > 0, scales, 1.0).unsqueeze(1)).clamp_(-INT8_MAX, INT8_MAX)
+    stored = quantized.reshape(-1)[: flat.numel()].to(torch.int8).view(values.shape)
+    return {f"{name}:values": stored, f"{name}:scales": scales.contiguous()}
 
 
 def _check_finite(name: str, values: torch.Tensor) -> None:
@@ -440,14 +532,22 @@ def _parse_metadata(path: Path, header: dict) -> DeltaMetadata:
 def _array_keys(name: str, info: TensorInfo) -> list[str]:
     if info.kind == "dense":
         return [f"{name}:dense"]
-    return [f"{name}:counts", f"{name}:offsets", f"{name}:values"]
+    keys = [f"{name}:lines"] if info.kind in STRUCTURED_AXES else [f"{name}:counts", f"{name}:offsets"]
+    keys.append(f"{name}:values")
+    if info.value_dtype == "int8":
+        keys.append(f"{name}:scales")
+    return keys
 
 
 def _check_info(path: Path, name: str, info: TensorInfo, header: dict) -> None:
     """Check one tensor's metadata against the shapes and dtypes of its stored arrays."""
     where = f"{path.name!r}: tensor {name!r}"
-    if info.kind not in ("sparse", "dense"):
-        raise DeltaFormatError(f"{where} has unknown kind {info.kind!r}")
+    if info.kind not in KINDS:
+        raise DeltaFormatError(f"{where} has unknown kind {info.kind!r}; this deltamux reads {', '.join(KINDS)}")
+    if info.kind != "dense" and info.value_dtype not in _STORED_VALUE_DTYPES:
+        raise DeltaFormatError(f"{where} has unknown value dtype {info.value_dtype!r}")
+    if info.kind in STRUCTURED_AXES and len(info.shape) != 2:
+        raise DeltaFormatError(f"{where} is of kind {info.kind!r} but has shape {info.shape}; it must be 2-D")
     if any(s < 0 for s in info.shape) or not (0 <= info.nnz <= info.numel):
         raise DeltaFormatError(f"{where} has nnz {info.nnz} for shape {info.shape}")
     if not (math.isfinite(info.scale) and info.scale > 0):
@@ -455,17 +555,30 @@ def _check_info(path: Path, name: str, info: TensorInfo, header: dict) -> None:
     for key in _array_keys(name, info):
         if key not in header:
             raise DeltaFormatError(f"{where} is missing its array {key!r}")
+
     if info.kind == "dense":
         spec = header[f"{name}:dense"]
         if spec["dtype"] != "F32" or tuple(spec["shape"]) != info.shape:
             raise DeltaFormatError(f"{where} stores a dense array of {spec['dtype']} {spec['shape']}, expected F32 {list(info.shape)}")
         return
-    blocks = max(1, -(-info.numel // BLOCK_SIZE))
-    expected = {
-        f"{name}:counts": ("I32", [blocks]),
-        f"{name}:offsets": ("I16", [info.nnz]),
-        f"{name}:values": ({"float16": "F16", "bfloat16": "BF16", "float32": "F32"}.get(info.value_dtype), [info.nnz]),
-    }
+
+    value_dtype = _STORED_VALUE_DTYPES[info.value_dtype]
+    if info.kind in STRUCTURED_AXES:
+        lines_shape = header[f"{name}:lines"]["shape"]
+        lines = lines_shape[0] if len(lines_shape) == 1 else -1
+        values_shape = list(structured_values_shape(info.shape, STRUCTURED_AXES[info.kind], lines))
+        expected = {f"{name}:lines": ("I32", [lines]), f"{name}:values": (value_dtype, values_shape)}
+        if lines < 0 or lines > info.shape[STRUCTURED_AXES[info.kind]] or math.prod(values_shape) != info.nnz:
+            raise DeltaFormatError(f"{where} keeps {lines_shape} lines, which does not fit nnz {info.nnz} and shape {info.shape}")
+    else:
+        blocks = max(1, -(-info.numel // BLOCK_SIZE))
+        expected = {
+            f"{name}:counts": ("I32", [blocks]),
+            f"{name}:offsets": ("I16", [info.nnz]),
+            f"{name}:values": (value_dtype, [info.nnz]),
+        }
+    if info.value_dtype == "int8":
+        expected[f"{name}:scales"] = ("F32", [-(-info.nnz // INT8_BLOCK)])
     for key, (dtype_name, shape) in expected.items():
         if header[key]["dtype"] != dtype_name or header[key]["shape"] != shape:
             raise DeltaFormatError(
@@ -480,6 +593,8 @@ def _decode_entry(path: Path, name: str, info: TensorInfo, arrays: Mapping[str, 
         if not bool(torch.isfinite(values).all()):
             raise DeltaFormatError(f"{where} holds NaN or infinite values")
         return DenseEntry(shape=info.shape, values=values)
+    if info.kind in STRUCTURED_AXES:
+        return _decode_structured(where, name, info, arrays)
 
     counts = arrays[f"{name}:counts"].to(torch.int64)
     if bool((counts < 0).any()) or int(counts.sum()) != info.nnz:
@@ -492,8 +607,33 @@ def _decode_entry(path: Path, name: str, info: TensorInfo, arrays: Mapping[str, 
             raise DeltaFormatError(f"{where} has an index {int(indices.max())} outside its {info.numel} elements")
         if indices.numel() > 1 and not bool((indices[1:] > indices[:-1]).all()):
             raise DeltaFormatError(f"{where} has unsorted or repeated indices")
+    values = _decode_values(where, name, info, arrays)
+    return SparseEntry(shape=info.shape, indices=indices, values=values)
+
+
+def _decode_structured(where: str, name: str, info: TensorInfo, arrays: Mapping[str, torch.Tensor]) -> StructuredEntry:
+    axis = STRUCTURED_AXES[info.kind]
+    lines = arrays[f"{name}:lines"].to(torch.int64)
+    if lines.numel():
+        if int(lines.min()) < 0 or int(lines.max()) >= info.shape[axis]:
+            raise DeltaFormatError(f"{where} keeps a line outside [0, {info.shape[axis]})")
+        if lines.numel() > 1 and not bool((lines[1:] > lines[:-1]).all()):
+            raise DeltaFormatError(f"{where} has unsorted or repeated line numbers")
+    values = _decode_values(where, name, info, arrays)
+    return StructuredEntry(shape=info.shape, axis=axis, indices=lines, values=values)
+
+
+def _decode_values(where: str, name: str, info: TensorInfo, arrays: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """Return a tensor's stored values as float32, in their stored shape."""
+    stored = arrays[f"{name}:values"]
+    if info.value_dtype == "int8":
+        scales = arrays[f"{name}:scales"]
+        if not bool(torch.isfinite(scales).all()) or bool((scales < 0).any()):
+            raise DeltaFormatError(f"{where} has NaN, infinite or negative int8 scales")
+        per_value = torch.repeat_interleave(scales, INT8_BLOCK)[: stored.numel()]
+        return (stored.to(torch.float32).reshape(-1) * per_value).view(stored.shape)
     # Decode in float32: the scale is a power of two, so the product is exact.
-    values = arrays[f"{name}:values"].to(torch.float32) * info.scale
+    values = stored.to(torch.float32) * info.scale
     if not bool(torch.isfinite(values).all()):
         raise DeltaFormatError(f"{where} holds NaN or infinite values")
-    return SparseEntry(shape=info.shape, indices=indices, values=values)
+    return values

@@ -183,3 +183,78 @@ def test_apply_restore_bit_exact_on_cuda(dtype: torch.dtype) -> None:
 
     for name in params:
         assert torch.equal(params[name], base[name]), name
+
+
+def _structured_delta(*, seed: int = 0) -> DeltaFile:
+    from deltastore.format import DeltaMetadata, StructuredEntry, TensorInfo
+
+    generator = torch.Generator().manual_seed(seed)
+    rows = torch.tensor([0, 3, 17, 36])
+    columns = torch.tensor([1, 2, 30, 52])
+    entries = {
+        "a": StructuredEntry(shape=(37, 53), axis=0, indices=rows, values=torch.randn(4, 53, generator=generator) * 1e-2),
+        "c": StructuredEntry(shape=(29, 53), axis=1, indices=columns, values=torch.randn(29, 4, generator=generator) * 1e-2),
+    }
+    tensors = {
+        name: TensorInfo(
+            entry.kind, entry.shape, entry.values.numel(), "float32"
+        )
+        for name, entry in entries.items()
+    }
+    metadata = DeltaMetadata(1, "lines", "sha256:0", "dare", {}, tensors, "", "")
+    return DeltaFile(path=Path("lines.delta.safetensors"), metadata=metadata, entries=entries)
+
+
+def _structured_params(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    return {"a": torch.randn(37, 53, generator=generator).to(dtype), "c": torch.randn(29, 53, generator=generator).to(dtype)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_structured_apply_restore_bit_exact(dtype: torch.dtype) -> None:
+    params = _structured_params(dtype)
+    base = {name: tensor.clone() for name, tensor in params.items()}
+    decoded = decode(_structured_delta())
+
+    for _ in range(200):
+        restore(params, apply(params, decoded))
+
+    for name in params:
+        assert torch.equal(params[name].view(torch.uint8), base[name].view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_structured_apply_writes_whole_lines(dtype: torch.dtype) -> None:
+    params = _structured_params(dtype)
+    base = {name: tensor.clone() for name, tensor in params.items()}
+    delta = _structured_delta()
+
+    apply(params, decode(delta))
+
+    rows = delta.entries["a"]
+    expected_a = base["a"].float().clone()
+    expected_a[rows.indices] += rows.values
+    assert torch.equal(params["a"], expected_a.to(dtype))
+    columns = delta.entries["c"]
+    expected_c = base["c"].float().clone()
+    expected_c[:, columns.indices] += columns.values
+    assert torch.equal(params["c"], expected_c.to(dtype))
+    untouched = [row for row in range(37) if row not in rows.indices.tolist()]
+    assert torch.equal(params["a"][untouched], base["a"][untouched])
+
+
+def test_structured_subtract_mode_round_trips_in_float32() -> None:
+    params = _structured_params(torch.float32)
+    base = {name: tensor.clone() for name, tensor in params.items()}
+
+    restore(params, apply(params, decode(_structured_delta()), mode="subtract"))
+
+    for name in params:
+        assert torch.allclose(params[name], base[name], atol=1e-6), name
+
+
+def test_structured_lines_wrong_width_rejected() -> None:
+    params = {"a": torch.zeros(37, 50), "c": torch.zeros(29, 53)}
+
+    with pytest.raises(DeltaFormatError, match="keeps lines of shape"):
+        apply(params, decode(_structured_delta()))
