@@ -92,6 +92,7 @@ def run_compress(args: argparse.Namespace) -> int:
         window_tokens=args.window_tokens,
         max_windows=args.max_windows,
         max_new_tokens=args.max_new_tokens,
+        structure=args.structure,
     )
     search = metadata.params.get("q_search")
     if search:
@@ -185,6 +186,15 @@ def _add_compress(subparsers) -> None:
     )
     parser.add_argument(
         "--rescale", action="store_true", help="magnitude and wanda: multiply kept values by 1 / (1 - P) (default: off)"
+    )
+    parser.add_argument(
+        "--structure",
+        choices=("rows", "columns"),
+        default=None,
+        help=(
+            "keep or drop whole rows (output features) or columns (input features) of each pruned weight: "
+            "at random for dare and darex-q, by L2 norm for magnitude and wanda (default: single entries)"
+        ),
     )
     parser.add_argument("--device", default="cpu", help="torch device for calibration and q search models (default: cpu)")
     parser.add_argument(

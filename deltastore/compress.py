@@ -27,7 +27,6 @@ from deltastore.format import (
     DeltaMetadata,
     DenseEntry,
     Entry,
-    SparseEntry,
     delta_file_name,
     validate_task_name,
     write_delta,
@@ -100,6 +99,8 @@ class CompressOptions:
     window_tokens: int = DEFAULT_WINDOW_TOKENS
     max_windows: int = DEFAULT_MAX_WINDOWS
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
+    # "rows" or "columns": keep or drop whole lines of each pruned delta; None prunes entries.
+    structure: str | None = None
 
     def __post_init__(self) -> None:
         validate_task_name(self.task)
@@ -129,6 +130,10 @@ class CompressOptions:
                 raise CompressError(f"{key} must be a positive integer (window_tokens at least 2), got {value!r}")
         if self.value_dtype not in VALUE_DTYPES:
             raise CompressError(f"invalid value dtype {self.value_dtype!r}; choose one of {', '.join(VALUE_DTYPES)}")
+        if self.structure is not None:
+            from deltastore.structural import validate_structure
+
+            validate_structure(self.structure)
 
     def _check_inputs(self, method: methods.PruningMethod) -> None:
         from deltastore.qselect import Q_SELECTORS
@@ -297,6 +302,7 @@ def compress(
     window_tokens: int = DEFAULT_WINDOW_TOKENS,
     max_windows: int = DEFAULT_MAX_WINDOWS,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    structure: str | None = None,
 ) -> DeltaMetadata:
     """Compress `finetuned` against `base` and write `<store>/<task>.delta.safetensors`.
 
@@ -321,6 +327,7 @@ def compress(
         window_tokens=window_tokens,
         max_windows=max_windows,
         max_new_tokens=max_new_tokens,
+        structure=structure,
     )
     return run_compression(base=Path(base), finetuned=Path(finetuned), store=Path(store), options=options)
 
@@ -368,6 +375,7 @@ def run_compression(*, base: Path, finetuned: Path, store: Path, options: Compre
                 max_windows=options.max_windows,
                 max_new_tokens=options.max_new_tokens,
             ),
+            structure=options.structure,
         )
         entries = selection.entries
         q = selection.q
@@ -381,6 +389,7 @@ def run_compression(*, base: Path, finetuned: Path, store: Path, options: Compre
         "drop_rate": options.drop_rate,
         "q": q,
         "seed": options.seed,
+        "structure": options.structure,
         "q_select": options.q_select,
         "rescale": options.rescale,
         "other_tensors": options.other_tensors,
@@ -392,7 +401,7 @@ def run_compression(*, base: Path, finetuned: Path, store: Path, options: Compre
     extra = {
         "base_numel": base_checkpoint.numel(),
         "base_nbytes": base_checkpoint.nbytes(),
-        "pruned_tensors": sum(1 for name in entries if isinstance(entries[name], SparseEntry)),
+        "pruned_tensors": sum(1 for name in entries if not isinstance(entries[name], DenseEntry)),
         "dense_tensors": sum(1 for name in entries if isinstance(entries[name], DenseEntry)),
         "pruned_numel": sum(math.prod(base_checkpoint.shape(name)) for name in plan.pruned),
     }
@@ -429,6 +438,7 @@ def _prune_all(
             q=options.q,
             rescale=options.rescale,
             input_norms=input_norms.get(item.name),
+            structure=options.structure,
         )
         entries[item.name] = methods.prune(item.delta, method=options.method, name=item.name, options=prune_options)
         del item

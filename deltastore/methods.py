@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltastore.format import SparseEntry
+from deltastore.format import SparseEntry, StructuredEntry
 
 
 class PruningParameterError(ValueError):
@@ -42,9 +42,12 @@ class PruneOptions:
     rescale: bool = False
     # WANDA only: L2 norm of each input feature over calibration tokens, shape (in_features,).
     input_norms: torch.Tensor | None = None
+    # "rows" or "columns" to keep or drop whole lines of a 2-D delta (structural.py); None prunes entries.
+    structure: str | None = None
 
 
 PruneFunction = Callable[..., SparseEntry]
+Pruned = SparseEntry | StructuredEntry
 
 
 @dataclass(frozen=True)
@@ -255,6 +258,11 @@ def get_method(name: str) -> PruningMethod:
         raise PruningParameterError(f"unknown pruning method {name!r}; choose one of: {known}") from None
 
 
-def prune(delta: torch.Tensor, *, method: str, name: str, options: PruneOptions) -> SparseEntry:
-    """Prune one delta tensor with the registered method `method`."""
-    return get_method(method).prune(delta, name=name, options=options)
+def prune(delta: torch.Tensor, *, method: str, name: str, options: PruneOptions) -> Pruned:
+    """Prune one delta tensor with the registered method `method`, by entries or by whole lines."""
+    spec = get_method(method)
+    if options.structure is not None:
+        from deltastore.structural import prune_lines
+
+        return prune_lines(delta, method=spec.name, name=name, options=options)
+    return spec.prune(delta, name=name, options=options)

@@ -16,6 +16,7 @@ compression seed is exactly the one written to the delta file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,11 +24,12 @@ from dataclasses import dataclass
 import torch
 
 from deltastore import methods
-from deltastore.apply import DecodedDelta, DecodedTensor, apply, model_params, restore
+from deltastore.apply import DecodedDelta, apply, decode_entry, model_params, restore
 from deltastore.calibration import ValidationSample, token_windows
 from deltastore.checkpoint import Checkpoint
-from deltastore.compress import CompressError, TensorPlan, iter_deltas
-from deltastore.format import DenseEntry, Entry, SparseEntry
+from deltastore.compress import CompressError, TensorDelta, TensorPlan, iter_deltas
+from deltastore.format import DenseEntry, Entry
+from deltastore.methods import Pruned
 from deltastore.scoring import load_causal_lm, output_change, reference_logits, score_model
 
 logger = logging.getLogger(__name__)
@@ -158,36 +160,45 @@ def _collect_masked(
     drop_rate: float,
     seeds: list[int],
     other_tensors: str,
-) -> tuple[dict[int, dict[str, SparseEntry]], dict[str, DenseEntry]]:
-    """Draw each seed's DARE mask once and keep the unscaled kept values (q = 1)."""
-    masked: dict[int, dict[str, SparseEntry]] = {seed: {} for seed in seeds}
+    structure: str | None = None,
+    inspect_delta: Callable[[TensorDelta], None] | None = None,
+) -> tuple[dict[int, dict[str, Pruned]], dict[str, DenseEntry]]:
+    """Draw each seed's DARE mask once and keep the unscaled kept values (q = 1).
+
+    `inspect_delta`, when given, sees every pruned tensor's full float32 delta before it is freed.
+    """
+    masked: dict[int, dict[str, Pruned]] = {seed: {} for seed in seeds}
     dense: dict[str, DenseEntry] = {}
     for item in iter_deltas(base_checkpoint, finetuned_checkpoint, plan, other_tensors=other_tensors, description="mask"):
         if not item.pruned:
             dense[item.name] = DenseEntry(shape=tuple(item.delta.shape), values=item.delta)
             continue
+        if inspect_delta is not None:
+            inspect_delta(item)
         for seed in seeds:
-            options = methods.PruneOptions(drop_rate=drop_rate, seed=seed, q=1.0)
+            options = methods.PruneOptions(drop_rate=drop_rate, seed=seed, q=1.0, structure=structure)
             masked[seed][item.name] = methods.prune(item.delta, method="darex-q", name=item.name, options=options)
     return masked, dense
 
 
-def _scaled(masked: dict[str, SparseEntry], q: float) -> dict[str, SparseEntry]:
+def scaled_entries(masked: dict[str, Pruned], q: float | dict[str, float]) -> dict[str, Pruned]:
+    """Divide the kept values of each entry by q: one global q, or one q per tensor name."""
     # The same float32 product as methods.prune_darex_q, so the written values match it bit for bit.
     return {
-        name: SparseEntry(shape=entry.shape, indices=entry.indices, values=entry.values * (1.0 / q))
+        name: dataclasses.replace(entry, values=entry.values * (1.0 / (q[name] if isinstance(q, dict) else q)))
         for name, entry in masked.items()
     }
 
 
-def _decoded(sparse: dict[str, SparseEntry], dense: dict[str, DenseEntry], device: torch.device) -> DecodedDelta:
-    tensors = [
-        DecodedTensor(name=name, indices=entry.indices.to(device), values=entry.values.to(device))
-        for name, entry in sparse.items()
-    ]
-    tensors += [DecodedTensor(name=name, indices=None, values=entry.values.to(device)) for name, entry in dense.items()]
-    nnz = sum(entry.indices.numel() for entry in sparse.values()) + sum(entry.values.numel() for entry in dense.values())
-    return DecodedDelta(task="q-search", tensors=tensors, device=device, nnz=nnz)
+def decoded_entries(entries: dict[str, Entry], device: torch.device, *, task: str = "q-search") -> DecodedDelta:
+    """Decode in-memory entries onto `device`, as `apply.decode` does for a file."""
+    tensors = [decode_entry(name, entry, device=device) for name, entry in entries.items()]
+    nnz = sum(entry.values.numel() for entry in entries.values())
+    return DecodedDelta(task=task, tensors=tensors, device=device, nnz=nnz)
+
+
+def _decoded(sparse: dict[str, Pruned], dense: dict[str, DenseEntry], device: torch.device) -> DecodedDelta:
+    return decoded_entries({**sparse, **dense}, device)
 
 
 def select_q(
@@ -203,6 +214,7 @@ def select_q(
     validation_samples: list[ValidationSample] | None,
     device: str = "cpu",
     settings: QSearchSettings = QSearchSettings(),
+    structure: str | None = None,
 ) -> QSelection:
     """Choose q with `selector` and return it with the compression seed's entries at that q."""
     if selector not in Q_SELECTORS:
@@ -216,7 +228,13 @@ def select_q(
 
     # 1. Draw the masks once per seed; only q changes between candidates.
     masked, dense = _collect_masked(
-        base_checkpoint, finetuned_checkpoint, plan, drop_rate=drop_rate, seeds=seeds, other_tensors=other_tensors
+        base_checkpoint,
+        finetuned_checkpoint,
+        plan,
+        drop_rate=drop_rate,
+        seeds=seeds,
+        other_tensors=other_tensors,
+        structure=structure,
     )
 
     # 2. For output change, record the fine-tuned model's top-5 logits, then free that model.
@@ -242,7 +260,7 @@ def select_q(
     def measure(q: float) -> float:
         scores = []
         for mask_seed in seeds:
-            applied = apply(params, _decoded(_scaled(masked[mask_seed], q), dense, model_device))
+            applied = apply(params, _decoded(scaled_entries(masked[mask_seed], q), dense, model_device))
             try:
                 scores.append(metric())
             finally:
@@ -253,7 +271,7 @@ def select_q(
     q, score, trace = search_q(measure, drop_rate=drop_rate, maximize=spec.maximize, settings=settings)
     logger.info("q search (%s): chose q=%.6f with %s %.6g after %d candidates", selector, q, spec.metric, score, len(trace))
     del model, params
-    entries: dict[str, Entry] = {**_scaled(masked[seed], q), **dense}
+    entries: dict[str, Entry] = {**scaled_entries(masked[seed], q), **dense}
     return QSelection(
         selector=selector, metric=spec.metric, q=q, score=score, trace=trace, mask_seeds=seeds, entries=entries
     )
