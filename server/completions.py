@@ -94,7 +94,7 @@ def _encode(runtime: Runtime, text: str, *, add_special_tokens: bool) -> list[in
 def _sampling(body: SamplingFields, *, max_tokens: int, choice: int) -> SamplingParams:
     return SamplingParams(
         max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p, stop=tuple(body.stop_list()),
-        seed=None if body.seed is None else body.seed + choice,
+        seed=None if body.seed is None else body.seed + choice, ignore_eos=body.ignore_eos,
     )
 
 

@@ -35,6 +35,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # keep generating past end-of-sequence tokens (for benchmarks)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 1:
@@ -215,7 +216,7 @@ def generate(
             if seq.is_cancelled is not None and seq.is_cancelled():
                 finish[index] = FINISH_CANCELLED
                 continue
-            if token in eos_token_ids:
+            if token in eos_token_ids and not seq.params.ignore_eos:
                 trackers[index].ids.append(token)
                 finish[index] = FINISH_STOP
                 piece = trackers[index].flush()

@@ -53,6 +53,7 @@ class SamplingFields(_Strict):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="Not in OpenAI's API (vLLM has it): generate max_tokens tokens.")
     logprobs: Any = None
     top_logprobs: Any = None
     suffix: Any = None

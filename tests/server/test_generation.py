@@ -161,3 +161,13 @@ def test_sampling_params_reject_invalid(kwargs: dict) -> None:
 def test_empty_prompt_rejected(model, tok) -> None:
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, tok, [SequenceInput([], SamplingParams(max_tokens=3))], eos_token_ids=EOS, pad_token_id=0)
+
+
+def test_ignore_eos_runs_to_max_tokens(model, tok) -> None:
+    ids = tok(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        first = int(model(torch.tensor([ids])).logits[0, -1].argmax())
+    params = SamplingParams(max_tokens=9, temperature=0.0, ignore_eos=True)
+    (result,) = generate(model, tok, [SequenceInput(ids, params)], eos_token_ids=frozenset({first}), pad_token_id=0)
+    assert result.completion_tokens == 9
+    assert result.finish_reason == FINISH_LENGTH
