@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from deltastore.apply import model_params
 from deltastore.checkpoint import Checkpoint, fingerprint
-from deltastore.format import DenseEntry, Entry, SparseEntry, read_delta, write_delta
+from deltastore.format import DenseEntry, Entry, SparseEntry, StructuredEntry, read_delta, write_delta
 from server.app import create_app
 from server.settings import Settings
 
@@ -60,6 +60,9 @@ def reference_model(base: Path, delta_path: Path | None) -> PreTrainedModel:
             weight = params[name].data
             if isinstance(entry, DenseEntry):
                 weight.copy_(weight.float() + entry.values)
+            elif isinstance(entry, StructuredEntry):
+                lines = weight.index_select(entry.axis, entry.indices)
+                weight.index_copy_(entry.axis, entry.indices, lines.float() + entry.values)
             else:
                 flat = weight.view(-1)
                 flat[entry.indices] = flat[entry.indices].float() + entry.values

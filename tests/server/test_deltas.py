@@ -11,9 +11,10 @@ import openai
 import pytest
 import torch
 
-from deltastore.format import DenseEntry, read_delta, write_delta
+from deltastore.checkpoint import Checkpoint
+from deltastore.format import DenseEntry, SparseEntry, StructuredEntry, read_delta, write_delta
 from tests.server.conftest import BASE_ID, FOREIGN_FINGERPRINT
-from tests.server.support import LiveServer, greedy_text, make_delta
+from tests.server.support import LiveServer, greedy_text, make_delta, reference_model
 
 
 def _client(live: LiveServer) -> openai.OpenAI:
@@ -220,3 +221,35 @@ def test_listing_json_shape(live) -> None:
     assert alpha["base_fingerprint"] == live.runtime.base_fingerprint
     assert alpha["file_bytes"] == (live.store / "alpha.delta.safetensors").stat().st_size
     assert json.loads(json.dumps(alpha))["params"]["drop_rate"] == pytest.approx(0.4)
+
+
+def test_structured_int8_delta_served(live, tiny_base, tiny_finetunes, tokenizer, tmp_path) -> None:
+    # Whole rows of q_proj, whole columns of down_proj, int8 values: every stored kind but dense.
+    base, finetune = Checkpoint.open(tiny_base), Checkpoint.open(tiny_finetunes["alpha"])
+    entries = {}
+    for name in base.names:
+        delta = finetune.get(name).float() - base.get(name).float()
+        if name.endswith("q_proj.weight"):
+            rows = torch.tensor([0, 5, 17, 30])
+            entries[name] = StructuredEntry(shape=tuple(delta.shape), axis=0, indices=rows, values=delta[rows])
+        elif name.endswith("down_proj.weight"):
+            columns = torch.tensor([1, 2, 40, 87])
+            entries[name] = StructuredEntry(shape=tuple(delta.shape), axis=1, indices=columns, values=delta[:, columns])
+        elif name.endswith("up_proj.weight"):
+            flat = delta.reshape(-1)
+            indices = torch.arange(0, flat.numel(), 3)
+            entries[name] = SparseEntry(shape=tuple(delta.shape), indices=indices, values=flat[indices])
+    path = tmp_path / "lines.delta.safetensors"
+    write_delta(
+        path, task="lines", base_fingerprint=live.runtime.base_fingerprint, method="structured", params={},
+        entries=entries, value_dtype="int8",
+    )
+    assert _upload(live, "lines", path.read_bytes()).status_code == 201
+    try:
+        reference = reference_model(tiny_base, path)
+        for prompt in ("The quick brown fox", "I love this phone"):
+            expected = greedy_text(reference, tokenizer, tokenizer(prompt)["input_ids"], max_tokens=12)[0]
+            result = _client(live).completions.create(model="lines", prompt=prompt, max_tokens=12, temperature=0)
+            assert result.choices[0].text == expected, prompt
+    finally:
+        httpx.delete(f"{live.base_url}/v1/deltas/lines")
