@@ -37,6 +37,7 @@ from server.store import Store, StoredTask, TaskExists, TaskNotFound
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass
 class Runtime:
     """Everything the lifespan loads; handlers receive it through `Depends(get_runtime)`."""
