@@ -164,3 +164,58 @@ def collect_input_norms(model: torch.nn.Module, windows: list[torch.Tensor]) -> 
             handle.remove()
     logger.info("collected input norms of %d linear layers over %d windows", len(sums), len(windows))
     return {name: total.sqrt().float() for name, total in sums.items()}
+
+
+class InputMeans:
+    """Forward hooks that sum the signed input of every linear layer over all calibration tokens.
+
+    Use as a context manager around any forward passes (for example the ones that record reference
+    logits), so the activations come from the same single pass; `means()` then returns, per weight
+    name (`<module>.weight`), the float32 mean input of each feature, shape (in_features,).
+    """
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self._model = model
+        self._sums: dict[str, torch.Tensor] = {}
+        self._tokens: dict[str, int] = {}
+        self._handles: list = []
+
+    def _hook(self, weight_name: str):
+        def hook(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+            features = inputs[0].detach().reshape(-1, inputs[0].shape[-1])  # (tokens, in_features)
+            # Sum in float64: thousands of tokens of float32 activations lose low bits.
+            total = features.double().sum(dim=0).cpu()
+            if weight_name in self._sums:
+                self._sums[weight_name] += total
+                self._tokens[weight_name] += features.shape[0]
+            else:
+                self._sums[weight_name] = total
+                self._tokens[weight_name] = features.shape[0]
+
+        return hook
+
+    def __enter__(self) -> InputMeans:
+        for module_name, module in self._model.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                self._handles.append(module.register_forward_hook(self._hook(f"{module_name}.weight")))
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def means(self) -> dict[str, torch.Tensor]:
+        return {name: (total / self._tokens[name]).float() for name, total in self._sums.items() if self._tokens[name]}
+
+
+@torch.no_grad()
+def collect_input_means(model: torch.nn.Module, windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Return, for every linear layer, the signed mean of each input feature over all calibration tokens."""
+    device = next(model.parameters()).device
+    with InputMeans(model) as hooks:
+        for window in windows:
+            model(input_ids=window.to(device), use_cache=False)
+    means = hooks.means()
+    logger.info("collected input means of %d linear layers over %d windows", len(means), len(windows))
+    return means

@@ -25,7 +25,7 @@ EXIT_INVALID_INPUT = 2
 # Names of methods.METHODS and qselect.Q_SELECTORS, repeated here so that building the parser does
 # not import torch; a test checks that they match the registries.
 METHOD_NAMES = ("dare", "darex-q", "magnitude", "wanda")
-Q_SELECTOR_NAMES = ("validation", "output-change")
+Q_SELECTOR_NAMES = ("validation", "output-change", "per-layer")
 
 # The bf16 checkpoint that compression ratios are measured against stores 2 bytes per weight.
 BF16_BYTES = 2
@@ -93,14 +93,21 @@ def run_compress(args: argparse.Namespace) -> int:
         max_windows=args.max_windows,
         max_new_tokens=args.max_new_tokens,
         structure=args.structure,
+        eta=args.eta,
     )
     search = metadata.params.get("q_search")
-    if search:
-        print(f"q search ({search['selector']}, {search['metric']}), in evaluation order:")
-        print(f"  {'q':>10}  {'score':>14}")
-        for q, score in search["trace"]:
-            marker = "  <- chosen" if q == search["q"] else ""
-            print(f"  {q:>10.6f}  {score:>14.6g}{marker}")
+    if search and search["trace"]:
+        parameter = search.get("parameter", "q")
+        chosen = search.get(parameter, search["q"])
+        print(f"{parameter} search ({search['selector']}, {search['metric']}), in evaluation order:")
+        print(f"  {parameter:>10}  {'score':>14}")
+        for value, score in search["trace"]:
+            marker = "  <- chosen" if value == chosen else ""
+            print(f"  {value:>10.6f}  {score:>14.6g}{marker}")
+    layer_q = metadata.params.get("q_layers")
+    if layer_q:
+        print(f"per-layer q (eta {metadata.params['eta']:g}): {min(layer_q.values()):.4f} to {max(layer_q.values()):.4f} "
+              f"over {len(layer_q)} tensors; `deltamux inspect` lists them")
     ratio, _ = _bf16_ratio(metadata)
     ratio_text = "" if ratio is None else f", {ratio:.4f} of the bf16 checkpoint"
     print(
@@ -143,7 +150,17 @@ def _add_compress(subparsers) -> None:
         "--q-select",
         choices=Q_SELECTOR_NAMES,
         default=None,
-        help="darex-q: choose Q by a search, on --validation accuracy or on top-5 logit MSE over --calibration text",
+        help=(
+            "darex-q: choose Q by a search, on --validation accuracy or on top-5 logit MSE over --calibration text; "
+            "per-layer: one Q per linear layer from --calibration activations, eta tuned by --validation accuracy "
+            "if given, else by top-5 logit MSE"
+        ),
+    )
+    parser.add_argument(
+        "--eta",
+        type=float,
+        default=None,
+        help="--q-select per-layer: use this eta instead of searching 0.1 to 0.7 (default: search)",
     )
 
     parser.add_argument(
@@ -180,9 +197,12 @@ def _add_compress(subparsers) -> None:
 
     parser.add_argument(
         "--value-dtype",
-        choices=("float16", "bfloat16", "float32"),
+        choices=("float16", "bfloat16", "float32", "int8"),
         default="float16",
-        help="dtype of stored pruned values: 2 bytes (float16, bfloat16) or 4 bytes (float32) each (default: float16)",
+        help=(
+            "dtype of stored pruned values: 2 bytes (float16, bfloat16), 4 bytes (float32), or 1 byte (int8, with one "
+            "float32 scale per 1024 values) each (default: float16)"
+        ),
     )
     parser.add_argument(
         "--rescale", action="store_true", help="magnitude and wanda: multiply kept values by 1 / (1 - P) (default: off)"
@@ -247,21 +267,30 @@ def run_inspect(args: argparse.Namespace) -> int:
         ("format version", str(metadata.format_version)),
         ("created", metadata.created),
     ]
+    if params.get("structure"):
+        rows.append(("structure", str(params["structure"])))
     search = params.get("q_search")
     if search:
-        rows.append(("q search", f"{search['selector']}: {search['metric']} {search['score']:.6g} over {len(search['trace'])} candidates"))
+        score = "-" if search["score"] is None else f"{search['score']:.6g}"
+        rows.append(("q search", f"{search['selector']}: {search['metric']} {score} over {len(search['trace'])} candidates"))
+    layer_q = params.get("q_layers") or {}
+    if layer_q:
+        rows.append(("eta", _format_q(params.get("eta"))))
+        rows.append(("per-layer q", f"{min(layer_q.values()):.4f} to {max(layer_q.values()):.4f} over {len(layer_q)} tensors"))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
 
     print()
     name_width = max([len("tensor")] + [len(name) for name in metadata.tensors])
-    print(f"{'tensor':<{name_width}}  {'kind':<6}  {'shape':<14}  {'nnz':>10}  {'kept':>7}  {'values':<8}  {'bytes':>10}")
+    q_column = f"  {'q':>7}" if layer_q else ""
+    print(f"{'tensor':<{name_width}}  {'kind':<7}  {'shape':<14}  {'nnz':>10}  {'kept':>7}  {'values':<8}  {'bytes':>10}{q_column}")
     for name, info in metadata.tensors.items():
         kept = info.nnz / info.numel if info.numel else 0.0
         shape = "x".join(str(size) for size in info.shape) or "scalar"
+        q_value = f"  {layer_q[name]:>7.4f}" if name in layer_q else (f"  {'-':>7}" if layer_q else "")
         print(
-            f"{name:<{name_width}}  {info.kind:<6}  {shape:<14}  {info.nnz:>10}  {kept:>7.2%}  {info.value_dtype:<8}  {info.nbytes:>10}"
+            f"{name:<{name_width}}  {info.kind:<7}  {shape:<14}  {info.nnz:>10}  {kept:>7.2%}  {info.value_dtype:<8}  {info.nbytes:>10}{q_value}"
         )
     return EXIT_OK
 

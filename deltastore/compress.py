@@ -101,6 +101,8 @@ class CompressOptions:
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     # "rows" or "columns": keep or drop whole lines of each pruned delta; None prunes entries.
     structure: str | None = None
+    # Per-layer q only: a fixed eta instead of the search over eta.
+    eta: float | None = None
 
     def __post_init__(self) -> None:
         validate_task_name(self.task)
@@ -114,8 +116,8 @@ class CompressOptions:
             object.__setattr__(self, "q", methods.validate_q(self.q, self.drop_rate))
         if method.needs_q and self.q is None and self.q_select is None:
             raise CompressError(
-                f"darex-q needs q in [{1 - self.drop_rate:g}, 1] or a q selector "
-                "('validation' with a labelled file, 'output-change' with calibration text)"
+                f"darex-q needs q in [{1 - self.drop_rate:g}, 1] or a q selector ('validation' with a labelled "
+                "file, 'output-change' or 'per-layer' with calibration text)"
             )
         if self.rescale and "rescale" not in method.parameters:
             raise CompressError(f"rescale applies to magnitude and wanda only; {self.method!r} always rescales")
@@ -134,6 +136,8 @@ class CompressOptions:
             from deltastore.structural import validate_structure
 
             validate_structure(self.structure)
+        if self.eta is not None and (self.q_select != "per-layer" or not (0.0 < float(self.eta) <= 10.0)):
+            raise CompressError(f"eta {self.eta!r} applies to --q-select per-layer only and must lie in (0, 10]")
 
     def _check_inputs(self, method: methods.PruningMethod) -> None:
         from deltastore.qselect import Q_SELECTORS
@@ -142,8 +146,9 @@ class CompressOptions:
             raise CompressError(f"invalid q selector {self.q_select!r}; choose one of {', '.join(Q_SELECTORS)}")
         if self.q_select == "validation" and self.validation is None:
             raise CompressError("q selection 'validation' needs a labelled validation file (JSONL with prompt, completion)")
-        if (self.q_select == "output-change" or method.needs_input_norms) and self.calibration is None:
-            requester = "q selection 'output-change'" if self.q_select == "output-change" else f"method {self.method!r}"
+        needs_calibration = self.q_select in ("output-change", "per-layer")
+        if (needs_calibration or method.needs_input_norms) and self.calibration is None:
+            requester = f"q selection {self.q_select!r}" if needs_calibration else f"method {self.method!r}"
             raise CompressError(f"{requester} needs a calibration text file (one sample per line, or JSONL with 'text')")
 
     @property
@@ -303,6 +308,7 @@ def compress(
     max_windows: int = DEFAULT_MAX_WINDOWS,
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     structure: str | None = None,
+    eta: float | None = None,
 ) -> DeltaMetadata:
     """Compress `finetuned` against `base` and write `<store>/<task>.delta.safetensors`.
 
@@ -328,6 +334,7 @@ def compress(
         max_windows=max_windows,
         max_new_tokens=max_new_tokens,
         structure=structure,
+        eta=eta,
     )
     return run_compression(base=Path(base), finetuned=Path(finetuned), store=Path(store), options=options)
 
@@ -354,7 +361,7 @@ def run_compression(*, base: Path, finetuned: Path, store: Path, options: Compre
     # 3. WANDA needs the input feature norms of every linear layer over the calibration text.
     input_norms: dict[str, torch.Tensor] = {}
     if methods.get_method(options.method).needs_input_norms:
-        input_norms = _input_norms(finetuned, calibration_texts, options=options)
+        input_norms = _input_norms(finetuned_checkpoint, calibration_texts, options=options)
 
     # 4. Prune, choosing q first when asked to.
     selection = None
@@ -376,9 +383,10 @@ def run_compression(*, base: Path, finetuned: Path, store: Path, options: Compre
                 max_new_tokens=options.max_new_tokens,
             ),
             structure=options.structure,
+            eta=options.eta,
         )
         entries = selection.entries
-        q = selection.q
+        q = None if selection.layer_q is not None else selection.q
     else:
         q = options.q
         entries = _prune_all(base_checkpoint, finetuned_checkpoint, plan, options, input_norms)
@@ -398,6 +406,9 @@ def run_compression(*, base: Path, finetuned: Path, store: Path, options: Compre
     }
     if selection is not None:
         params["q_search"] = selection.summary()
+        if selection.layer_q is not None:
+            params["q_layers"] = selection.layer_q
+            params["eta"] = selection.eta
     extra = {
         "base_numel": base_checkpoint.numel(),
         "base_nbytes": base_checkpoint.nbytes(),
@@ -445,11 +456,20 @@ def _prune_all(
     return entries
 
 
-def _input_norms(finetuned: Path, texts: list[str], *, options: CompressOptions) -> dict[str, torch.Tensor]:
-    from deltastore.calibration import collect_input_norms, token_windows
+def load_finetuned_model(finetuned_checkpoint, *, device: str = "cpu"):
+    """Load the fine-tuned model in float32 with its tokenizer: from its folder, or base plus adapter."""
     from deltastore.scoring import load_causal_lm
 
-    model, tokenizer = load_causal_lm(finetuned, device=options.device)
+    loader = getattr(finetuned_checkpoint, "load_model", None)
+    if loader is not None:
+        return loader(device=device)
+    return load_causal_lm(finetuned_checkpoint.folder, device=device)
+
+
+def _input_norms(finetuned_checkpoint, texts: list[str], *, options: CompressOptions) -> dict[str, torch.Tensor]:
+    from deltastore.calibration import collect_input_norms, token_windows
+
+    model, tokenizer = load_finetuned_model(finetuned_checkpoint, device=options.device)
     windows = token_windows(tokenizer, texts, window_tokens=options.window_tokens, max_windows=options.max_windows)
     norms = collect_input_norms(model, windows)
     del model

@@ -27,7 +27,7 @@ from deltastore import methods
 from deltastore.apply import DecodedDelta, apply, decode_entry, model_params, restore
 from deltastore.calibration import ValidationSample, token_windows
 from deltastore.checkpoint import Checkpoint
-from deltastore.compress import CompressError, TensorDelta, TensorPlan, iter_deltas
+from deltastore.compress import CompressError, TensorDelta, TensorPlan, iter_deltas, load_finetuned_model
 from deltastore.format import DenseEntry, Entry
 from deltastore.methods import Pruned
 from deltastore.scoring import load_causal_lm, output_change, reference_logits, score_model
@@ -50,6 +50,8 @@ Q_SELECTORS: dict[str, QSelector] = {
     for selector in (
         QSelector(name="validation", metric="exact-match accuracy", maximize=True, mask_seeds=1),
         QSelector(name="output-change", metric="top-5 logit MSE", maximize=False, mask_seeds=2),
+        # Per-layer q: eta is tuned by validation accuracy when a labelled file is given, else by output change.
+        QSelector(name="per-layer", metric="per-row objective; eta by accuracy or top-5 logit MSE", maximize=True, mask_seeds=1),
     )
 }
 
@@ -84,21 +86,31 @@ class QSelection:
     selector: str
     metric: str
     q: float
-    score: float
+    # None when nothing was searched (a per-layer selection with a given eta).
+    score: float | None
     trace: list[QTracePoint]
     mask_seeds: list[int]
     entries: dict[str, Entry]
+    # Per-layer selection only: q per pruned tensor name, and the eta that produced them.
+    layer_q: dict[str, float] | None = None
+    eta: float | None = None
+    # What the trace varies: "q" for a global search, "eta" for the per-layer one.
+    parameter: str = "q"
 
     def summary(self) -> dict:
         """Return the JSON-ready record stored in the delta file's params."""
-        return {
+        record = {
             "selector": self.selector,
             "metric": self.metric,
             "q": self.q,
             "score": self.score,
             "mask_seeds": self.mask_seeds,
+            "parameter": self.parameter,
             "trace": [[point.q, point.score] for point in self.trace],
         }
+        if self.eta is not None:
+            record["eta"] = self.eta
+        return record
 
 
 def search_q(
@@ -215,10 +227,19 @@ def select_q(
     device: str = "cpu",
     settings: QSearchSettings = QSearchSettings(),
     structure: str | None = None,
+    eta: float | None = None,
 ) -> QSelection:
     """Choose q with `selector` and return it with the compression seed's entries at that q."""
     if selector not in Q_SELECTORS:
         raise CompressError(f"invalid q selector {selector!r}; choose one of {', '.join(Q_SELECTORS)}")
+    if selector == "per-layer":
+        from deltastore.perlayer import select_per_layer_q
+
+        return select_per_layer_q(
+            base_checkpoint=base_checkpoint, finetuned_checkpoint=finetuned_checkpoint, plan=plan,
+            drop_rate=drop_rate, seed=seed, other_tensors=other_tensors, calibration_texts=calibration_texts,
+            validation_samples=validation_samples, device=device, settings=settings, structure=structure, eta=eta,
+        )
     spec = Q_SELECTORS[selector]
     if selector == "validation" and not validation_samples:
         raise CompressError("q selection 'validation' needs labelled validation samples")
@@ -240,7 +261,7 @@ def select_q(
     # 2. For output change, record the fine-tuned model's top-5 logits, then free that model.
     reference = None
     if selector == "output-change":
-        finetuned_model, tokenizer = load_causal_lm(finetuned_checkpoint.folder, device=device)
+        finetuned_model, tokenizer = load_finetuned_model(finetuned_checkpoint, device=device)
         windows = token_windows(
             tokenizer, calibration_texts, window_tokens=settings.window_tokens, max_windows=settings.max_windows
         )
