@@ -246,7 +246,7 @@ class Engine:
     def _take_batch(self, task: str) -> list[EngineRequest]:
         with self._cond:
             queue = self._queues.get(task)
-            if not queue:
+            if not queue or self._stopping:
                 return []
             # A short wait lets requests that arrive together share one batch.
             if len(queue) < self.max_batch_size and self.max_batch_wait > 0 and not self._stopping:
