@@ -77,7 +77,7 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-    # 503 is the expected answer while the base loads or the server stops, not a fault.
+    # 503 is the expected status while the base loads or the server stops, not a fault.
     log = logger.error if exc.status >= 500 and exc.status != 503 else logger.info
     log("%s %s -> %d: %s", request.method, request.url.path, exc.status, exc.message)
     return exc.response()

@@ -7,7 +7,7 @@ Registration writes the upload to a hidden temporary file in the same folder and
 full (checksum, base fingerprint, tensor names and shapes). Only then is it renamed into place,
 so a task becomes visible complete or not at all.
 
-Each registration gets a new `version`; the engine and the residency cache key on
+Each registration gets a new `version`. The engine and the residency cache key on
 (task, version), so a task deleted and registered again under the same name never runs with the
 old delta.
 """

@@ -110,7 +110,7 @@ class LiveServer:
 def start_server(settings: Settings, *, ready_timeout: float = 120.0, wait_path: str = "/ready") -> LiveServer:
     """Start the app on a loopback socket bound here (port 0), so no other process can take the port.
 
-    Returns once `wait_path` answers 200, or once it answers at all when `wait_path` is /health
+    Returns once `wait_path` returns 200, or once it responds at all when `wait_path` is /health
     (which is 503 after a failed load).
     """
     app = create_app(settings)
