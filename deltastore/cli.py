@@ -74,6 +74,7 @@ def run_compress(args: argparse.Namespace) -> int:
     metadata = compress(
         base=args.base,
         finetuned=args.finetuned,
+        lora=args.lora,
         task=args.task,
         store=args.store,
         method=args.method,
@@ -128,7 +129,15 @@ def _add_compress(subparsers) -> None:
         ),
     )
     parser.add_argument("--base", required=True, type=Path, metavar="DIR", help="base checkpoint folder (Hugging Face layout, *.safetensors)")
-    parser.add_argument("--finetuned", required=True, type=Path, metavar="DIR", help="fine-tuned checkpoint folder of the same architecture")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--finetuned", type=Path, metavar="DIR", help="fine-tuned checkpoint folder of the same architecture")
+    source.add_argument(
+        "--lora",
+        type=Path,
+        metavar="DIR",
+        help="PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors) of the base: the delta is "
+        "lora_alpha / r * B @ A per target module (lora_alpha / sqrt(r) with use_rslora)",
+    )
     parser.add_argument("--task", required=True, metavar="NAME", help="task name: 1 to 64 letters, digits, '.', '_' or '-'; names the file")
     parser.add_argument("--store", required=True, type=Path, metavar="DIR", help="folder for delta files; created if missing")
     parser.add_argument("--method", required=True, choices=METHOD_NAMES, help="pruning method")

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 from deltastore import methods
 from deltastore.calibration import DEFAULT_MAX_WINDOWS, DEFAULT_WINDOW_TOKENS, read_calibration, read_validation
 from deltastore.checkpoint import Checkpoint, fingerprint
+from deltastore.lora import LoraCheckpoint, open_lora_pair
 from deltastore.format import (
     VALUE_DTYPES,
     DeltaMetadata,
@@ -264,6 +265,12 @@ def iter_deltas(
     names = plan.pruned + (plan.other if other_tensors == "exact" else [])
     pruned = set(plan.pruned)
     for name in tqdm(sorted(names), desc=description, unit="tensor", leave=False):
+        if isinstance(finetuned_checkpoint, LoraCheckpoint):
+            # An adapter's delta is formed directly (scaling * B @ A), never as a difference of two weights.
+            delta = finetuned_checkpoint.delta(name)
+            if delta is not None:
+                yield TensorDelta(name=name, delta=delta, pruned=name in pruned)
+            continue
         finetuned_tensor = finetuned_checkpoint.get(name)
         if finetuned_tensor.is_floating_point() and not bool(torch.isfinite(finetuned_tensor).all()):
             bad = int((~torch.isfinite(finetuned_tensor)).sum())
@@ -288,7 +295,7 @@ def iter_deltas(
 def compress(
     *,
     base: str | Path,
-    finetuned: str | Path,
+    finetuned: str | Path | None = None,
     task: str,
     store: str | Path,
     method: str,
@@ -309,8 +316,9 @@ def compress(
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     structure: str | None = None,
     eta: float | None = None,
+    lora: str | Path | None = None,
 ) -> DeltaMetadata:
-    """Compress `finetuned` against `base` and write `<store>/<task>.delta.safetensors`.
+    """Compress `finetuned` (or the LoRA adapter folder `lora`) against `base` and write `<store>/<task>.delta.safetensors`.
 
     Raises a ValueError subclass (CompressError, CheckpointError, CalibrationError,
     PruningParameterError) before anything is written when an input is invalid.
@@ -336,11 +344,21 @@ def compress(
         structure=structure,
         eta=eta,
     )
-    return run_compression(base=Path(base), finetuned=Path(finetuned), store=Path(store), options=options)
+    if (finetuned is None) == (lora is None):
+        raise CompressError(f"pass exactly one of a fine-tuned checkpoint ({finetuned!r}) or a LoRA adapter folder ({lora!r})")
+    return run_compression(
+        base=Path(base),
+        finetuned=None if finetuned is None else Path(finetuned),
+        store=Path(store),
+        options=options,
+        lora=None if lora is None else Path(lora),
+    )
 
 
-def run_compression(*, base: Path, finetuned: Path, store: Path, options: CompressOptions) -> DeltaMetadata:
-    """Run a compression described by a checked `CompressOptions` record."""
+def run_compression(
+    *, base: Path, finetuned: Path | None, store: Path, options: CompressOptions, lora: Path | None = None
+) -> DeltaMetadata:
+    """Run a compression described by a checked `CompressOptions` record, of a fine-tune or a LoRA adapter."""
     from deltastore import qselect
 
     # 1. Read the small inputs first, so a bad file fails before any heavy work.
@@ -350,12 +368,16 @@ def run_compression(*, base: Path, finetuned: Path, store: Path, options: Compre
         raise CompressError(f"store path {str(store)!r} is a file; pass a folder for delta files")
 
     # 2. Check that the two checkpoints fit together and decide what happens to each tensor.
-    base_checkpoint, finetuned_checkpoint = open_pair(base, finetuned)
+    if lora is not None:
+        base_checkpoint, finetuned_checkpoint = open_lora_pair(base, lora)
+        _check_lora_targets(finetuned_checkpoint)
+    else:
+        base_checkpoint, finetuned_checkpoint = open_pair(base, finetuned)
     plan = plan_tensors(base_checkpoint, options)
     base_fingerprint = fingerprint(base)
     logger.info(
         "compressing %s against %s: %d pruned tensors, %d other tensors (%s), method %s, drop rate %s",
-        finetuned, base, len(plan.pruned), len(plan.other), options.other_tensors, options.method, options.drop_rate,
+        finetuned or lora, base, len(plan.pruned), len(plan.other), options.other_tensors, options.method, options.drop_rate,
     )
 
     # 3. WANDA needs the input feature norms of every linear layer over the calibration text.
@@ -410,6 +432,7 @@ def run_compression(*, base: Path, finetuned: Path, store: Path, options: Compre
             params["q_layers"] = selection.layer_q
             params["eta"] = selection.eta
     extra = {
+        "source": "lora" if lora is not None else "finetuned",
         "base_numel": base_checkpoint.numel(),
         "base_nbytes": base_checkpoint.nbytes(),
         "pruned_tensors": sum(1 for name in entries if not isinstance(entries[name], DenseEntry)),
@@ -429,6 +452,15 @@ def run_compression(*, base: Path, finetuned: Path, store: Path, options: Compre
     )
     logger.info("wrote %s: %d tensors, nnz %d, %d bytes", path, len(metadata.tensors), metadata.nnz, metadata.nbytes)
     return metadata
+
+
+def _check_lora_targets(checkpoint: LoraCheckpoint) -> None:
+    tied = [name for name in checkpoint.adapter.modules if checkpoint.tied_embeddings and name in TIED_OUTPUT_NAMES]
+    if tied:
+        raise CompressError(
+            f"adapter {str(checkpoint.folder)!r} targets {tied!r}, which the base ties to its input embedding; "
+            "a delta of a tied output embedding would change the input embedding too"
+        )
 
 
 def _prune_all(
