@@ -1,4 +1,4 @@
-"""Offline `deltamux` subcommands: compress, inspect, verify, reconstruct, evaluate.
+"""Offline `deltamux` subcommands: compress, recommend, inspect, verify, reconstruct, evaluate.
 
 `add_commands` registers them on the subparsers of the `deltamux` parser. Every command returns
 its exit code: 0 on success, 1 when `verify` finds a bad file, and 2 on invalid input, after one
@@ -95,7 +95,13 @@ def run_compress(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         structure=args.structure,
         eta=args.eta,
+        max_loss=args.max_loss,
     )
+    recommendation = metadata.extra.get("recommendation")
+    if recommendation:
+        print(f"method auto chose {recommendation['method']} at drop rate {recommendation['drop_rate']:g}:")
+        for reason in recommendation["reasons"]:
+            print(f"  - {reason}")
     search = metadata.params.get("q_search")
     if search and search["trace"]:
         parameter = search.get("parameter", "q")
@@ -140,14 +146,25 @@ def _add_compress(subparsers) -> None:
     )
     parser.add_argument("--task", required=True, metavar="NAME", help="task name: 1 to 64 letters, digits, '.', '_' or '-'; names the file")
     parser.add_argument("--store", required=True, type=Path, metavar="DIR", help="folder for delta files; created if missing")
-    parser.add_argument("--method", required=True, choices=METHOD_NAMES, help="pruning method")
+    parser.add_argument(
+        "--method",
+        required=True,
+        choices=(*METHOD_NAMES, "auto"),
+        help="pruning method; auto runs `deltamux recommend` and uses its method, drop rate and q selector",
+    )
 
     parser.add_argument(
         "--drop-rate",
-        required=True,
         type=float,
         metavar="P",
-        help="drop rate: the fraction of delta entries set to zero, in [0, 1); 0.99 keeps 1 %%",
+        help="drop rate: the fraction of delta entries set to zero, in [0, 1); 0.99 keeps 1 %%; "
+        "required unless --method auto, which otherwise chooses it",
+    )
+    parser.add_argument(
+        "--max-loss",
+        type=float,
+        metavar="POINTS",
+        help="--method auto: largest quality loss accepted, in points (see `deltamux recommend --help`) (default: 1)",
     )
     parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random masks (dare, darex-q) (default: 0)")
 
@@ -304,6 +321,101 @@ def run_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---------------------------------------------------------------------------------------------
+# recommend
+
+
+@_reports_errors("recommend")
+def run_recommend(args: argparse.Namespace) -> int:
+    from deltastore.recommend import recommend
+
+    drop_rates = tuple(float(value) for value in args.drop_rates.split(",") if value.strip())
+    recommendation = recommend(
+        base=args.base,
+        finetuned=args.finetuned,
+        lora=args.lora,
+        validation=args.validation,
+        calibration=args.calibration,
+        max_loss=args.max_loss,
+        drop_rates=drop_rates,
+        seed=args.seed,
+        device=args.device,
+        window_tokens=args.window_tokens,
+        max_windows=args.max_windows,
+        max_new_tokens=args.max_new_tokens,
+    )
+    if args.json:
+        print(json.dumps(recommendation.to_json(), indent=2, sort_keys=True))
+        return EXIT_OK
+
+    stats = recommendation.stats
+    print(f"delta statistics over {len(stats.layers)} pruned tensors ({stats.pruned_numel} entries): mean |delta| {stats.mean_abs:.4g}")
+    name_width = max([len("tensor")] + [len(layer.name) for layer in stats.layers])
+    print(f"  {'tensor':<{name_width}}  {'mean |delta|':>12}  {'std |delta|':>12}")
+    for layer in stats.layers:
+        print(f"  {layer.name:<{name_width}}  {layer.mean_abs:>12.4g}  {layer.std_abs:>12.4g}")
+    if recommendation.candidates:
+        print(f"\nsearch ({recommendation.metric}; loss in points against the fine-tune):")
+        print(f"  {'method':<10}  {'drop rate':>9}  {'q':>8}  {'score':>12}  {'loss':>8}  {'bytes':>12}")
+        for c in recommendation.candidates:
+            print(f"  {c.method:<10}  {c.drop_rate:>9g}  {_format_q(c.q):>8}  {c.score:>12.6g}  {c.loss:>8.3g}  {c.nbytes:>12}")
+
+    source = ["--finetuned", str(args.finetuned)] if args.finetuned else ["--lora", str(args.lora)]
+    ratio = recommendation.expected_nbytes / (BF16_BYTES * stats.base_numel) if stats.base_numel else None
+    ratio_text = "" if ratio is None else f" ({ratio:.4f} of the bf16 checkpoint)"
+    print(f"\nrecommended: {recommendation.method} at drop rate {recommendation.drop_rate:g}"
+          + (f", q chosen by {recommendation.q_select}" if recommendation.q_select else ""))
+    print(f"  command:  {recommendation.command(base=args.base, source=source, calibration=args.calibration, validation=args.validation)}")
+    print(f"  expected size:    {recommendation.expected_nbytes} bytes{ratio_text}")
+    print(f"  expected quality: {recommendation.expected_quality}")
+    print("  why:")
+    for reason in recommendation.reasons:
+        print(f"    - {reason}")
+    return EXIT_OK
+
+
+def _add_recommend(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "recommend",
+        help="recommend a pruning method and drop rate for a fine-tune, with the command line to run",
+        description=(
+            "Read |delta| statistics per pruned tensor and apply the DAREx selection pipeline: magnitude or WANDA for "
+            "large deltas (mean |delta| above 0.005), DARE or DAREx-q for small ones. With --validation or "
+            "--calibration, score the chosen family at each drop rate and pick the highest drop rate whose loss stays "
+            "within --max-loss points."
+        ),
+    )
+    parser.add_argument("--base", required=True, type=Path, metavar="DIR", help="base checkpoint folder")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--finetuned", type=Path, metavar="DIR", help="fine-tuned checkpoint folder")
+    source.add_argument("--lora", type=Path, metavar="DIR", help="PEFT LoRA adapter folder of the base")
+    parser.add_argument(
+        "--validation", type=Path, metavar="FILE", help="labelled JSONL with 'prompt', 'completion', optional 'answer'"
+    )
+    parser.add_argument("--calibration", type=Path, metavar="FILE", help="unlabelled text, one sample per line or JSONL with 'text'")
+    parser.add_argument(
+        "--max-loss",
+        type=float,
+        default=1.0,
+        metavar="POINTS",
+        help=(
+            "largest accepted quality loss: exact-match accuracy points below the fine-tune with --validation, else "
+            "the percentage of the base's top-5 logit MSE to the fine-tune that remains (default: 1)"
+        ),
+    )
+    parser.add_argument(
+        "--drop-rates", default="0.5,0.7,0.9,0.95,0.99", metavar="LIST",
+        help="comma-separated drop rates to search (default: 0.5,0.7,0.9,0.95,0.99)",
+    )
+    parser.add_argument("--seed", type=int, default=0, metavar="N", help="seed of the random masks (default: 0)")
+    parser.add_argument("--device", default="cpu", help="torch device for the models (default: cpu)")
+    parser.add_argument("--window-tokens", type=int, default=256, help="tokens per calibration window (default: 256)")
+    parser.add_argument("--max-windows", type=int, default=64, help="maximum number of calibration windows (default: 64)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="maximum tokens generated per validation sample (default: 64)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead of text (default: text)")
+    parser.set_defaults(func=run_recommend)
+
+
 def _add_inspect(subparsers) -> None:
     parser = subparsers.add_parser(
         "inspect",
@@ -438,8 +550,9 @@ def _add_evaluate(subparsers) -> None:
 
 
 def add_commands(subparsers) -> None:
-    """Register compress, inspect, verify, reconstruct and evaluate on `subparsers`."""
+    """Register compress, recommend, inspect, verify, reconstruct and evaluate on `subparsers`."""
     _add_compress(subparsers)
+    _add_recommend(subparsers)
     _add_inspect(subparsers)
     _add_verify(subparsers)
     _add_reconstruct(subparsers)

@@ -68,6 +68,9 @@ DEFAULT_PRUNED_PATTERNS: tuple[str, ...] = (
 # Output-embedding names that share storage with the input embedding when the config ties them.
 TIED_OUTPUT_NAMES: tuple[str, ...] = ("lm_head.weight",)
 
+# The method name that asks the recommender (recommend.py) to choose the method and drop rate.
+AUTO_METHOD = "auto"
+
 # Policies for a changed tensor that is not pruned: store it dense, or leave it out of the delta.
 OTHER_TENSOR_POLICIES: tuple[str, ...] = ("exact", "drop")
 
@@ -299,7 +302,7 @@ def compress(
     task: str,
     store: str | Path,
     method: str,
-    drop_rate: float,
+    drop_rate: float | None = None,
     seed: int = 0,
     q: float | None = None,
     q_select: str | None = None,
@@ -317,12 +320,30 @@ def compress(
     structure: str | None = None,
     eta: float | None = None,
     lora: str | Path | None = None,
+    max_loss: float | None = None,
 ) -> DeltaMetadata:
     """Compress `finetuned` (or the LoRA adapter folder `lora`) against `base` and write `<store>/<task>.delta.safetensors`.
+
+    With `method="auto"`, the recommender chooses the method, the drop rate (unless given) and the
+    q selector, searching with the validation or calibration data if given, within `max_loss` points.
 
     Raises a ValueError subclass (CompressError, CheckpointError, CalibrationError,
     PruningParameterError) before anything is written when an input is invalid.
     """
+    if (finetuned is None) == (lora is None):
+        raise CompressError(f"pass exactly one of a fine-tuned checkpoint ({finetuned!r}) or a LoRA adapter folder ({lora!r})")
+    notes = None
+    if method == AUTO_METHOD:
+        validate_task_name(task)
+        method, drop_rate, q_select, notes = _recommended(
+            base=base, finetuned=finetuned, lora=lora, drop_rate=drop_rate, q=q, q_select=q_select,
+            calibration=calibration, validation=validation, max_loss=max_loss, seed=seed, device=device,
+            window_tokens=window_tokens, max_windows=max_windows, max_new_tokens=max_new_tokens,
+        )
+    elif drop_rate is None:
+        raise CompressError(f"method {method!r} needs a drop rate; pass one, or use method 'auto' to have it chosen")
+    elif max_loss is not None:
+        raise CompressError(f"max loss {max_loss!r} applies to method 'auto' only")
     options = CompressOptions(
         task=task,
         method=method,
@@ -344,19 +365,46 @@ def compress(
         structure=structure,
         eta=eta,
     )
-    if (finetuned is None) == (lora is None):
-        raise CompressError(f"pass exactly one of a fine-tuned checkpoint ({finetuned!r}) or a LoRA adapter folder ({lora!r})")
     return run_compression(
         base=Path(base),
         finetuned=None if finetuned is None else Path(finetuned),
         store=Path(store),
         options=options,
         lora=None if lora is None else Path(lora),
+        notes=notes,
     )
 
 
+def _recommended(*, drop_rate, q, q_select, max_loss, **inputs) -> tuple[str, float, str | None, dict]:
+    """Resolve method 'auto' through the recommender; return (method, drop rate, q selector, notes for the file)."""
+    from deltastore.recommend import DEFAULT_MAX_LOSS, recommend
+
+    if q is not None or q_select is not None:
+        raise CompressError("method 'auto' chooses q itself; leave out q and the q selector")
+    recommendation = recommend(
+        **inputs, fixed_drop_rate=drop_rate, max_loss=DEFAULT_MAX_LOSS if max_loss is None else max_loss
+    )
+    logger.info("method auto: %s at drop rate %g (%s)", recommendation.method, recommendation.drop_rate, "; ".join(recommendation.reasons))
+    notes = {
+        "recommendation": {
+            "method": recommendation.method,
+            "drop_rate": recommendation.drop_rate,
+            "q_select": recommendation.q_select,
+            "expected_quality": recommendation.expected_quality,
+            "reasons": recommendation.reasons,
+        }
+    }
+    return recommendation.method, recommendation.drop_rate, recommendation.q_select, notes
+
+
 def run_compression(
-    *, base: Path, finetuned: Path | None, store: Path, options: CompressOptions, lora: Path | None = None
+    *,
+    base: Path,
+    finetuned: Path | None,
+    store: Path,
+    options: CompressOptions,
+    lora: Path | None = None,
+    notes: dict | None = None,
 ) -> DeltaMetadata:
     """Run a compression described by a checked `CompressOptions` record, of a fine-tune or a LoRA adapter."""
     from deltastore import qselect
@@ -383,7 +431,7 @@ def run_compression(
     # 3. WANDA needs the input feature norms of every linear layer over the calibration text.
     input_norms: dict[str, torch.Tensor] = {}
     if methods.get_method(options.method).needs_input_norms:
-        input_norms = _input_norms(finetuned_checkpoint, calibration_texts, options=options)
+        input_norms = finetuned_input_norms(finetuned_checkpoint, calibration_texts, options=options)
 
     # 4. Prune, choosing q first when asked to.
     selection = None
@@ -411,7 +459,7 @@ def run_compression(
         q = None if selection.layer_q is not None else selection.q
     else:
         q = options.q
-        entries = _prune_all(base_checkpoint, finetuned_checkpoint, plan, options, input_norms)
+        entries = prune_entries(base_checkpoint, finetuned_checkpoint, plan, options, input_norms)
 
     # 5. Write the file atomically, with everything a reader needs to trust and inspect it.
     params = {
@@ -438,6 +486,7 @@ def run_compression(
         "pruned_tensors": sum(1 for name in entries if not isinstance(entries[name], DenseEntry)),
         "dense_tensors": sum(1 for name in entries if isinstance(entries[name], DenseEntry)),
         "pruned_numel": sum(math.prod(base_checkpoint.shape(name)) for name in plan.pruned),
+        **(notes or {}),
     }
     path = store / delta_file_name(options.task)
     metadata = write_delta(
@@ -463,13 +512,14 @@ def _check_lora_targets(checkpoint: LoraCheckpoint) -> None:
         )
 
 
-def _prune_all(
+def prune_entries(
     base_checkpoint: Checkpoint,
     finetuned_checkpoint: Checkpoint,
     plan: TensorPlan,
     options: CompressOptions,
     input_norms: dict[str, torch.Tensor],
 ) -> dict[str, Entry]:
+    """Prune every planned tensor with `options.method` at a given q (no q search)."""
     entries: dict[str, Entry] = {}
     for item in iter_deltas(base_checkpoint, finetuned_checkpoint, plan, other_tensors=options.other_tensors):
         if not item.pruned:
@@ -498,7 +548,8 @@ def load_finetuned_model(finetuned_checkpoint, *, device: str = "cpu"):
     return load_causal_lm(finetuned_checkpoint.folder, device=device)
 
 
-def _input_norms(finetuned_checkpoint, texts: list[str], *, options: CompressOptions) -> dict[str, torch.Tensor]:
+def finetuned_input_norms(finetuned_checkpoint, texts: list[str], *, options: CompressOptions) -> dict[str, torch.Tensor]:
+    """Return WANDA's input feature norms of every linear layer of the fine-tuned model."""
     from deltastore.calibration import collect_input_norms, token_windows
 
     model, tokenizer = load_finetuned_model(finetuned_checkpoint, device=options.device)
