@@ -12,6 +12,9 @@ at once, and a batch already running finishes on the weights it started with. Th
 stays applied until the next switch restores it, which `AppliedDelta` can always do because it
 keeps its own reference to the decoded delta and the saved base values.
 
+In the `full` swap mode (a baseline) a switch copies the task's whole fine-tuned tensors in from
+CPU memory instead, and a restore copies the base tensors back (see server/residency.py).
+
 Handlers talk to the loop through `submit` (thread-safe) and receive events through the
 `EngineRequest.emit` callback, which must itself be safe to call from the engine thread.
 """
@@ -34,7 +37,7 @@ from deltastore.apply import AppliedDelta, apply, restore
 from deltastore.format import DeltaFormatError
 from server.generation import FINISH_CANCELLED, Completion, SamplingParams, SequenceInput, generate
 from server.metrics import STAGE_APPLY, STAGE_RESTORE, Metrics
-from server.residency import Residency, synchronize
+from server.residency import FullWeights, Residency, synchronize
 from server.store import Store, TaskNotFound
 
 logger = logging.getLogger(__name__)
@@ -71,6 +74,8 @@ Event = TextEvent | DoneEvent | ErrorEvent
 
 _request_ids = itertools.count(1)
 
+SWAP_MODE_FULL = "full"  # the baseline that copies whole tensors; the other modes go through deltastore.apply
+
 
 @dataclass(eq=False)
 class EngineRequest:
@@ -99,7 +104,8 @@ class QueueFull(RuntimeError):
 class _Applied:
     task: str
     version: int
-    applied: AppliedDelta
+    applied: AppliedDelta | None  # None in the full mode
+    full: FullWeights | None = None  # set in the full mode only
 
 
 class Engine:
@@ -303,6 +309,7 @@ class Engine:
         """Make the weights `task`'s; return False (requests failed) if its delta cannot be had."""
         # 1. Find and fetch the next delta before touching the weights, so a failure leaves them valid.
         fetched = None
+        full = None
         version = 0
         if task != self.base_name:
             try:
@@ -310,7 +317,10 @@ class Engine:
                 version = entry.version
                 if self._applied is not None and (self._applied.task, self._applied.version) == (task, version):
                     return True
-                fetched = self.residency.fetch(entry)
+                if self.swap_mode == SWAP_MODE_FULL:
+                    full, _ = self.residency.fetch_full(entry, self.params)
+                else:
+                    fetched = self.residency.fetch(entry)
             except TaskNotFound as e:
                 self._fail_queue(task, ErrorKind.NOT_FOUND, str(e))
                 return False
@@ -328,7 +338,16 @@ class Engine:
         previous = self.current_task
         restore_s = self._restore_base()
         apply_s = 0.0
-        if fetched is not None:
+        if full is not None:
+            start = time.perf_counter()
+            with torch.no_grad():
+                for name, tensor in full.tensors.items():
+                    self.params[name].data.copy_(tensor, non_blocking=True)
+            synchronize(self.device)
+            apply_s = time.perf_counter() - start
+            self.metrics.observe_stage(STAGE_APPLY, apply_s)
+            self._applied = _Applied(task=task, version=version, applied=None, full=full)
+        elif fetched is not None:
             start = time.perf_counter()
             # NOTE: apply checks every target tensor before it writes, so a failure leaves the base
             # intact. Only a device error in the middle of the writes (out of memory) could not be undone.
@@ -343,7 +362,7 @@ class Engine:
         logger.info(
             "swap %s -> %s: nnz %d, from %s, disk %.1f ms, copy %.1f ms, restore %.1f ms, apply %.1f ms",
             previous, task, 0 if fetched is None else fetched.decoded.nnz,
-            "-" if fetched is None else fetched.tier,
+            ("full" if full is not None else "-") if fetched is None else fetched.tier,
             0.0 if fetched is None else fetched.disk_load_s * 1e3,
             0.0 if fetched is None else fetched.copy_s * 1e3,
             restore_s * 1e3, apply_s * 1e3,
@@ -355,7 +374,12 @@ class Engine:
         if self._applied is None:
             return 0.0
         start = time.perf_counter()
-        restore(self.params, self._applied.applied)
+        if self._applied.full is not None:
+            with torch.no_grad():
+                for name in self._applied.full.tensors:
+                    self.params[name].data.copy_(self.residency.full_base(name), non_blocking=True)
+        else:
+            restore(self.params, self._applied.applied)
         synchronize(self.device)
         seconds = time.perf_counter() - start
         self.metrics.observe_stage(STAGE_RESTORE, seconds)

@@ -9,6 +9,11 @@
 When the model runs on the CPU the device tier already lives in CPU memory, so the CPU tier is
 switched off rather than holding a second copy.
 
+The `full` swap mode is a baseline: it keeps each task's whole fine-tuned tensors (base + delta
+for every tensor the delta touches, dense, in the weight dtype) in CPU memory, plus one CPU copy
+of those base tensors, and copies them in and out on every switch. `fetch_full` builds them once
+per task from the decoded delta.
+
 Entries are keyed by (task, version): a task deleted and registered again never hits an old entry.
 """
 
@@ -22,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from deltastore.apply import DecodedDelta, decode
+from deltastore.apply import DecodedDelta, apply, decode
 from deltastore.format import DeltaFile
 from server.metrics import STAGE_COPY_TO_DEVICE, STAGE_DISK_LOAD, Metrics
 from server.store import Store, StoredTask
@@ -31,6 +36,7 @@ logger = logging.getLogger(__name__)
 
 TIER_DEVICE = "device"
 TIER_CPU = "cpu"
+TIER_FULL = "full"  # whole fine-tuned tensors of the `full` baseline, in CPU memory
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,15 @@ class Fetched:
     tier: str  # where it was found: device, cpu or disk
     disk_load_s: float
     copy_s: float
+
+
+@dataclass(frozen=True)
+class FullWeights:
+    """A task's fine-tuned tensors of the `full` baseline: base + delta, dense, in the weight dtype, on CPU."""
+
+    task: str
+    tensors: dict[str, torch.Tensor]
+    nbytes: int
 
 
 @dataclass
@@ -59,6 +74,12 @@ def _delta_file_bytes(delta: DeltaFile) -> int:
         if indices is not None:
             total += indices.numel() * indices.element_size()
     return total
+
+
+def _pinned_copy(tensor: torch.Tensor, *, device: torch.device) -> torch.Tensor:
+    """Copy `tensor` into CPU memory, page-locked when the model is on CUDA so copies in are fast."""
+    copy = tensor.to("cpu", copy=True)
+    return copy.pin_memory() if device.type == "cuda" else copy
 
 
 def synchronize(device: torch.device) -> None:
@@ -80,6 +101,9 @@ class Residency:
         self._device = _Tier(TIER_DEVICE, device_cache_bytes, OrderedDict())
         self._cpu = _Tier(TIER_CPU, cpu_budget, OrderedDict())
         self._lock = threading.Lock()  # `evict` runs on request handler threads
+        # The `full` baseline: fine-tuned tensors per (task, version), and the base tensors they replace.
+        self._full: dict[tuple[str, int], FullWeights] = {}
+        self._full_base: dict[str, torch.Tensor] = {}
 
     def fetch(self, entry: StoredTask) -> Fetched:
         """Return `entry`'s delta decoded on the model's device, loading it from a lower tier if needed."""
@@ -126,12 +150,57 @@ class Residency:
         )
         return Fetched(decoded=decoded, tier=tier, disk_load_s=disk_load_s, copy_s=copy_s)
 
+    def fetch_full(self, entry: StoredTask, params: dict[str, torch.Tensor]) -> tuple[FullWeights, bool]:
+        """Return `entry`'s whole fine-tuned tensors for the `full` baseline and whether they were cached.
+
+        On a miss the delta is fetched and decoded, and each touched tensor is built as the base
+        tensor with the delta applied exactly, so `full` serves the same weights as `exact`.
+        `params` are read only for tensors that no task has touched yet, which still hold the base.
+        """
+        key = (entry.task, entry.version)
+        with self._lock:
+            hit = self._full.get(key)
+        if hit is not None:
+            self.metrics.delta_hits.labels(tier=TIER_FULL).inc()
+            return hit, True
+
+        decoded = self.fetch(entry).decoded
+        tensors: dict[str, torch.Tensor] = {}
+        for tensor in decoded.tensors:
+            base = self._full_base.get(tensor.name)
+            if base is None:
+                base = _pinned_copy(params[tensor.name].detach(), device=self.device)
+                self._full_base[tensor.name] = base
+            work = {tensor.name: base.to(self.device, copy=True)}
+            single = DecodedDelta(task=decoded.task, tensors=[tensor], device=decoded.device, nnz=0)
+            apply(work, single, mode="exact")  # the record is dropped: the base copy restores this tensor
+            tensors[tensor.name] = _pinned_copy(work[tensor.name], device=self.device)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        full = FullWeights(task=entry.task, tensors=tensors, nbytes=nbytes)
+
+        # NOTE: the full tier has no byte budget, as the naive way it models keeps every task's
+        # weights; 8 tasks of SmolLM2-135M's projections take 3.4 GB in float32.
+        with self._lock:
+            self._full[key] = full
+            used = sum(item.nbytes for item in self._full.values())
+        self.metrics.delta_loads.labels(tier=TIER_FULL).inc()
+        self.metrics.cache_bytes.labels(tier=TIER_FULL).set(used)
+        logger.info("built full weights of task %s: %d tensors, %d bytes in CPU memory", entry.task, len(tensors), nbytes)
+        return full, False
+
+    def full_base(self, name: str) -> torch.Tensor:
+        """Return the CPU copy of base tensor `name` that `fetch_full` saved before any task replaced it."""
+        return self._full_base[name]
+
     def evict(self, task: str) -> None:
-        """Drop every cached version of `task` from both tiers."""
+        """Drop every cached version of `task` from all tiers."""
         with self._lock:
             for tier in (self._device, self._cpu):
                 for key in [key for key in tier.items if key[0] == task]:
                     self._drop(tier, key, reason="deleted")
+            for key in [key for key in self._full if key[0] == task]:
+                del self._full[key]
+                self.metrics.delta_evictions.labels(tier=TIER_FULL).inc()
 
     def resident(self, tier_name: str) -> list[str]:
         """Return the tasks held in a tier, least recently used first."""

@@ -32,6 +32,7 @@ class SwapMode(enum.StrEnum):
 
     EXACT = "exact"  # save the base values, write base + delta; restore is bit-exact
     SUBTRACT = "subtract"  # add the delta, subtract it again; drifts in half precision
+    FULL = "full"  # baseline: copy whole fine-tuned tensors in from CPU memory, copy the base back
 
 
 _TORCH_DTYPES = {
@@ -65,7 +66,7 @@ class Settings(BaseSettings):
         2 << 30, ge=0, description="Byte budget for decoded deltas kept on the model's device."
     )
     cpu_cache_bytes: int = Field(4 << 30, ge=0, description="Byte budget for delta files kept in CPU memory.")
-    swap_mode: SwapMode = Field(SwapMode.EXACT, description="exact (bit-exact restore) or subtract (baseline).")
+    swap_mode: SwapMode = Field(SwapMode.EXACT, description="exact (bit-exact restore), or the baselines subtract and full (whole-tensor copies).")
     max_tokens_default: int = Field(
         256, ge=1, description="Completion tokens generated when a request sets no max_tokens."
     )
