@@ -1,10 +1,11 @@
 """A PEFT LoRA adapter folder read as a delta of its base: `scaling * B @ A` per target module.
 
-PEFT (huggingface/peft, `tuners/lora`) merges a LoRA module into its base weight as
-`W + scaling * B @ A`, with `A` of shape (r, in_features), `B` of shape (out_features, r) and
-`scaling = lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA (`use_rslora`); with
+PEFT (huggingface/peft, `src/peft/tuners/lora/layer.py`) merges a LoRA module into its base
+weight as `W + scaling * B @ A`. `A` has shape (r, in_features), `B` has shape (out_features, r),
+and `scaling = lora_alpha / r`, or `lora_alpha / sqrt(r)` with rsLoRA (`use_rslora`). With
 `fan_in_fan_out` (GPT-2 style Conv1D weights stored as (in, out)) the product is transposed.
-Per-module overrides come from `rank_pattern` and `alpha_pattern`. This module forms that product
+Per-module overrides come from `rank_pattern` and `alpha_pattern`, matched as PEFT's
+`get_pattern_key` (`src/peft/utils/other.py`) does. This module forms that product
 in float32 for every target module, so any pruning method can prune it as a delta. PEFT's own DARE
 merge prunes `A` and `B` separately with independent masks, which is not the same thing.
 
@@ -56,9 +57,9 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, *, scaling: float, fan_in_fan_o
 
 
 def _pattern_value(patterns: dict, module: str, default):
-    """Return the override in `patterns` whose key matches the end of `module` (PEFT's rule), else `default`."""
+    """Return the first override in `patterns` whose key, a regex, matches the end of `module`, else `default`."""
     for key, value in patterns.items():
-        if re.fullmatch(rf"(.*\.)?{key}", module):
+        if re.fullmatch(rf"(.*\.)?({key})", module):
             return value
     return default
 

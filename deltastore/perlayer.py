@@ -13,8 +13,12 @@ and the layer's q is the mean over its rows. Pruned tensors without calibration 
 the weight of an `nn.Linear`) get the mean of the layer values. The scalar `eta` is tuned like a
 global q: by validation accuracy, or else by the top-5 logit MSE against the fine-tuned model.
 
+As in the authors' code (vengdeng/DAREx, `utils/getwx.py` and `utils/analyticalq.py`), the mean
+inputs come from the fine-tuned model. That code also stops scanning q once 80 % of the rows stop
+improving, to limit outlier features; this module takes the plain argmin over the whole grid.
+
 `S_i` and `Q_i` do not depend on eta or q, so they are computed once per tensor while its delta
-streams past; each eta candidate then costs one small (rows x grid) evaluation per layer.
+streams past. Each eta candidate then costs one small (rows x grid) evaluation per layer.
 """
 
 from __future__ import annotations
@@ -38,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 GAMMA = 0.05
 Q_STEP = 0.001
-# eta candidates: the range the DAREx authors report (0.1 to 0.7), in steps of 0.1.
+# eta candidates: 0.1 to 0.7 in steps of 0.1, around the authors' code default of 0.45.
 ETA_GRID = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
@@ -158,6 +162,8 @@ def select_per_layer_q(
         if item.name in means and item.delta.dim() == 2:
             sums[item.name] = row_sums(item.delta, means[item.name])
 
+    # NOTE: the objective assumes one Bernoulli draw per entry. With a structure, whole rows or columns
+    # are drawn together, so the per-layer q values are a heuristic there until a line-level bound replaces it.
     masked, dense = _collect_masked(
         base_checkpoint, finetuned_checkpoint, plan, drop_rate=drop_rate, seeds=seeds,
         other_tensors=other_tensors, structure=structure, inspect_delta=record,

@@ -4,7 +4,7 @@ The selection pipeline that Deng et al. (ICLR 2025, "DARE the Extreme", arXiv 24
 
 1. Large deltas (mean |delta| well above about 0.005, for example continued pre-training): random
    dropping fails, so prune by importance: magnitude, or WANDA when calibration text is given.
-2. Small deltas: DARE at moderate drop rates; at high drop rates DAREx-q, with q chosen on labelled
+2. Small deltas: DARE at moderate drop rates. At high drop rates DAREx-q, with q chosen on labelled
    data if there is any, else on the unlabelled output change.
 
 Statistics alone pick the family. With a labelled validation file or calibration text, a short

@@ -5,9 +5,9 @@ DARE / DAREx-q rescale to whole lines of a delta instead of single entries. The 
 dense lines plus their numbers (`format.StructuredEntry`) and applies as dense row (or column)
 updates. Rows of a linear weight are output features, columns are input features.
 
-How each pruning method picks lines is data in `LINE_RANKINGS`: `dare` and `darex-q` keep each
-line with probability 1 - drop_rate and divide it by q; `magnitude` keeps the lines of largest L2
-norm; `wanda` keeps the lines of largest L2 norm of `delta_ij * ||X_j||_2`.
+How each pruning method picks lines is data in `LINE_RANKINGS`. `dare` and `darex-q` keep each
+line with probability 1 - drop_rate and divide it by q. `magnitude` keeps the lines of largest L2
+norm, and `wanda` the lines of largest L2 norm of `delta_ij * ||X_j||_2`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ LineScore = Callable[[torch.Tensor, int, PruneOptions, str], torch.Tensor]
 
 @dataclass(frozen=True)
 class LineRanking:
-    """How a pruning method chooses whole lines: at random (score None) or by a per-line score."""
+    """A pruning method's rule for choosing whole lines: at random (score None) or by a per-line score."""
 
     method: str
     score: LineScore | None
@@ -77,7 +77,7 @@ def validate_structure(structure: str) -> str:
 
 def random_line_mask(lines: int, *, drop_rate: float, seed: int, name: str, structure: str) -> torch.Tensor:
     """Return the Bernoulli keep mask (True = kept) over the lines of one tensor."""
-    # Seeded apart from the entry mask of the same tensor, so the two never share random numbers.
+    # Seeded from a different key than the entry mask of the same tensor, so the two masks are independent.
     generator = mask_generator(seed, f"{name}:{structure}")
     return torch.rand(lines, generator=generator, dtype=torch.float32) >= drop_rate
 

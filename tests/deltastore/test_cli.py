@@ -333,3 +333,23 @@ def test_entry_point_error_exit_code(tiny_base, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "does not exist" in result.stderr
+
+
+def test_compress_rows_int8_then_inspect(tiny_base, tiny_finetunes, store, capsys):
+    assert run(*compress_args(tiny_base, tiny_finetunes["alpha"], store, "--structure", "rows", "--value-dtype", "int8")) == 0
+    capsys.readouterr()
+
+    assert run("inspect", store / "alpha.delta.safetensors") == 0
+
+    output = capsys.readouterr().out
+    assert "structure         rows" in output
+    q_line = next(line for line in output.splitlines() if line.startswith("model.layers.0.self_attn.q_proj.weight"))
+    assert q_line.split()[1:2] == ["rows"]
+    assert "int8" in q_line
+
+
+def test_compress_without_drop_rate_is_one_line_error(tiny_base, tiny_finetunes, store, capsys):
+    argv = ["compress", "--base", tiny_base, "--finetuned", tiny_finetunes["alpha"], "--task", "alpha", "--store", store,
+            "--method", "magnitude"]
+    assert run(*argv) == 2
+    assert_one_line_error(capsys, "needs a drop rate", "auto")
