@@ -6,6 +6,9 @@ handlers through `Depends(get_runtime)`. The completion routes live in server/co
 Delta uploads (`POST /v1/deltas?task=NAME`) take the raw delta file as the request body
 (`Content-Type: application/octet-stream`), so a large file streams to disk without a multipart
 parser. The file is verified in full before the task becomes visible.
+
+`RequestGuard` wraps the app: while the server drains after SIGTERM every /v1 request gets 503,
+and a JSON body larger than `max_request_bytes` gets 413 before any handler parses it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from datetime import datetime
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Query, Request, Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
@@ -27,8 +31,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from deltastore.apply import model_params
 from deltastore.checkpoint import Checkpoint, fingerprint
 from deltastore.format import DeltaFormatError
+from server.auth import Principal, load_keys, require_admin, require_key
 from server.engine import Engine
-from server.errors import APIError, install_error_handlers
+from server.errors import APIError, error_response, install_error_handlers
 from server.metrics import Metrics
 from server.protocol import DeltaInfo, DeltaList, ModelCard, ModelList
 from server.residency import Residency
@@ -107,6 +112,8 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
 def get_runtime(request: Request) -> Runtime:
     """Return the loaded runtime; raise a 503 APIError while the server loads, has failed or stops."""
     state = request.app.state
+    if state.draining:
+        raise APIError(503, "the server is shutting down; retry on another instance", headers=_retry_after(state))
     if state.load_error is not None:
         raise APIError(503, f"the server is not ready: loading the base model failed: {state.load_error}")
     if state.runtime is None or not state.runtime.engine.running:
@@ -155,12 +162,22 @@ def create_app(settings: Settings) -> FastAPI:
             runtime, app.state.runtime = app.state.runtime, None
             if runtime is not None:
                 await asyncio.to_thread(runtime.engine.stop)
+                if runtime.engine.current_task == runtime.base_name:
+                    logger.info("engine stopped; the resident weights are the base's again")
+                else:
+                    logger.error("engine did not stop; task %s is still applied", runtime.engine.current_task)
 
     app = FastAPI(title="deltamux", lifespan=lifespan)
     app.state.runtime = None
     app.state.load_error = None
     app.state.metrics = metrics
+    app.state.settings = settings
+    app.state.draining = False  # set on SIGTERM by `deltamux serve`; /v1 routes and /ready then return 503
+    # Read the keys here, not in the lifespan, so no request can ever be served before they apply.
+    inline_keys = settings.api_keys.get_secret_value() if settings.api_keys is not None else None
+    app.state.keys = load_keys(keys_file=settings.api_keys_file, inline=inline_keys)
     install_error_handlers(app)
+    app.add_middleware(RequestGuard, max_request_bytes=settings.max_request_bytes)
 
     from server.completions import router as completions_router  # noqa: PLC0415 (avoids an import cycle)
 
@@ -178,34 +195,44 @@ def create_app(settings: Settings) -> FastAPI:
         return {"status": "ready"}
 
     @app.get("/metrics")
-    async def metrics_route() -> Response:
+    async def metrics_route(request: Request) -> Response:
+        if settings.metrics_require_key and request.app.state.keys is not None:
+            require_admin(request)
         return Response(content=metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models", response_model=ModelList)
-    async def list_models(runtime: Runtime = Depends(get_runtime)) -> ModelList:
+    async def list_models(
+        principal: Principal = Depends(require_key), runtime: Runtime = Depends(get_runtime)
+    ) -> ModelList:
         cards = [ModelCard(id=runtime.base_name, created=runtime.created)]
         cards += [
             ModelCard(id=entry.task, created=_created(entry), delta=_delta_info(entry).model_dump())
             for entry in runtime.store.tasks()
         ]
-        return ModelList(data=cards)
+        return ModelList(data=[card for card in cards if principal.allows(card.id)])
 
     @app.get("/v1/deltas", response_model=DeltaList)
-    async def list_deltas(runtime: Runtime = Depends(get_runtime)) -> DeltaList:
+    async def list_deltas(
+        principal: Principal = Depends(require_admin), runtime: Runtime = Depends(get_runtime)
+    ) -> DeltaList:
         return DeltaList(data=[_delta_info(entry) for entry in runtime.store.tasks()])
 
     @app.post("/v1/deltas", status_code=201, response_model=DeltaInfo)
     async def upload_delta(
         request: Request,
         task: str = Query(description="Task name the delta is served under; must match the file's metadata."),
+        principal: Principal = Depends(require_admin),
         runtime: Runtime = Depends(get_runtime),
     ) -> DeltaInfo:
         entry = await _receive_delta(request, task=task, runtime=runtime)
         runtime.metrics.tasks.set(len(runtime.store.tasks()))
+        logger.info("key %s registered task %s", principal.name, task)
         return _delta_info(entry)
 
     @app.delete("/v1/deltas/{task}")
-    async def delete_delta(task: str, runtime: Runtime = Depends(get_runtime)) -> dict:
+    async def delete_delta(
+        task: str, principal: Principal = Depends(require_admin), runtime: Runtime = Depends(get_runtime)
+    ) -> dict:
         if task == runtime.base_name:
             raise APIError(400, f"{task!r} is the base model and cannot be deleted", param="task")
         try:
@@ -216,6 +243,7 @@ def create_app(settings: Settings) -> FastAPI:
         dropped = runtime.engine.drop_task(task)
         runtime.residency.evict(task)
         runtime.metrics.tasks.set(len(runtime.store.tasks()))
+        logger.info("key %s deleted task %s", principal.name, task)
         return {"id": task, "object": "delta", "deleted": True, "failed_queued_requests": dropped}
 
     return app
@@ -246,6 +274,9 @@ async def _receive_delta(request: Request, *, task: str, runtime: Runtime) -> St
                 if size > limit:
                     raise APIError(413, f"the delta file is larger than the {limit}-byte limit (max_upload_bytes)")
                 handle.write(chunk)
+            # On disk before the rename publishes it, so a crash never leaves a listed but partial file.
+            handle.flush()
+            os.fsync(handle.fileno())
         if size == 0:
             raise APIError(400, "the request body is empty; send the delta file's bytes as the body", param="body")
 
@@ -274,3 +305,70 @@ def _created(entry: StoredTask) -> int:
         return int(datetime.fromisoformat(entry.metadata.created).timestamp())
     except ValueError:
         return int(entry.path.stat().st_mtime) if entry.path.exists() else 0
+
+
+def _retry_after(state) -> dict[str, str]:
+    return {"Retry-After": str(state.settings.retry_after)}
+
+
+class RequestGuard:
+    """ASGI middleware: 503 for /v1 while draining, 413 for a JSON body over `max_request_bytes`.
+
+    A body within the limit is read here in full and handed to the app unchanged. Delta uploads
+    (POST /v1/deltas) stream to disk under their own limit, `max_upload_bytes`, so they pass through.
+    """
+
+    def __init__(self, app: ASGIApp, *, max_request_bytes: int) -> None:
+        self.app = app
+        self.max_request_bytes = max_request_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, method = scope["path"], scope["method"]
+        state = scope["app"].state
+
+        # 1. Draining: reject new API work. /health, /ready and /metrics still respond.
+        if state.draining and path.startswith("/v1/"):
+            response = error_response(503, "the server is shutting down; retry on another instance")
+            response.headers.update(_retry_after(state))
+            await response(scope, receive, send)
+            return
+
+        # 2. Body size: uploads and body-less methods pass through.
+        if method not in ("POST", "PUT", "PATCH") or path == "/v1/deltas":
+            await self.app(scope, receive, send)
+            return
+        limit = self.max_request_bytes
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await self._too_large(scope, receive, send, f"the request body is {int(declared)} bytes")
+            return
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client disconnected before it finished sending the body
+            body += message.get("body", b"")
+            if len(body) > limit:
+                await self._too_large(scope, receive, send, "the request body is larger than that")
+                return
+            if not message.get("more_body", False):
+                break
+
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, found: str) -> None:
+        message = f"{found}; the limit is {self.max_request_bytes} bytes (max_request_bytes)"
+        logger.info("%s %s -> 413: %s", scope["method"], scope["path"], message)
+        await error_response(413, message)(scope, receive, send)

@@ -4,6 +4,12 @@ Each prompt times `n` becomes one engine request (its choice index is prompt * n
 `seed`, choice j samples with seed + j, so choices differ but the whole response is reproducible.
 A stream sends one event per generated text piece and ends with `data: [DONE]`. An error after
 the stream has started arrives as a `data: {"error": ...}` event before `[DONE]`.
+
+Admission and limits: a request that would put more than `max_queued_per_task` requests in its
+task's queue, or more than `max_queued_requests` in all queues, gets 429 with Retry-After. A
+request that has not finished `request_timeout` seconds after it was queued fails with 504. A
+client that disconnects cancels its requests, streaming or not: the handler polls the connection
+while it waits for the engine, and the engine drops cancelled sequences from their batch.
 """
 
 from __future__ import annotations
@@ -16,11 +22,12 @@ import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from jinja2 import TemplateError
 
 from server.app import Runtime, get_runtime
+from server.auth import Principal, require_key
 from server.engine import DoneEvent, EngineRequest, EngineStopped, ErrorEvent, ErrorKind, Event, QueueFull, TextEvent
 from server.errors import APIError, error_body
 from server.generation import Completion, SamplingParams
@@ -46,22 +53,31 @@ router = APIRouter()
 
 _STATUS_BY_KIND = {ErrorKind.NOT_FOUND: 404, ErrorKind.UNAVAILABLE: 503, ErrorKind.INTERNAL: 500}
 _CODE_BY_KIND = {ErrorKind.NOT_FOUND: "model_not_found", ErrorKind.UNAVAILABLE: None, ErrorKind.INTERNAL: None}
+DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks whether its client is still connected
+CLIENT_CLOSED = 499  # the status nginx logs for a client that closed the connection; no client receives it
 
 
 # -- request preparation --------------------------------------------------------------------
 
 
-def _resolve_task(runtime: Runtime, model: str) -> str:
-    """Return the task that serves `model`, or raise a 404."""
+def _resolve_task(runtime: Runtime, model: str, principal: Principal) -> str:
+    """Return the task that serves `model`, or raise a 404.
+
+    A model outside the caller's tasks gets the same 404 as one that does not exist.
+    """
+    not_found = APIError(
+        404, f"the model {model!r} does not exist; GET /v1/models lists the base and every task",
+        param="model", code="model_not_found",
+    )
+    if not principal.allows(model):
+        logger.info("key %s asked for model %r outside its tasks", principal.name, model)
+        raise not_found
     if model == runtime.base_name:
         return model
     try:
         return runtime.store.get(model).task
     except TaskNotFound as e:
-        raise APIError(
-            404, f"the model {model!r} does not exist; GET /v1/models lists the base and every task",
-            param="model", code="model_not_found",
-        ) from e
+        raise not_found from e
 
 
 def _token_budget(runtime: Runtime, *, prompt_tokens: int, requested: int | None) -> int:
@@ -112,15 +128,24 @@ def _chat_prompt(runtime: Runtime, body: ChatCompletionRequest) -> str:
 # -- the handoff between the engine thread and the handler ------------------------------------
 
 
+class ClientDisconnected(Exception):
+    """The client closed the connection while its request waited for the engine."""
+
+
 @dataclass
 class _Submission:
-    """Engine requests of one HTTP request, and the asyncio queue their events arrive on."""
+    """Engine requests of one HTTP request, the asyncio queue their events arrive on, and its limits."""
 
     requests: list[EngineRequest]
     queue: asyncio.Queue[Event]
+    connection: Request
+    deadline: float  # event-loop time after which the request fails with 504
+    timeout: float
 
     @classmethod
-    def submit(cls, runtime: Runtime, *, task: str, prompts: list[list[int]], params: list[SamplingParams]) -> _Submission:
+    def submit(
+        cls, runtime: Runtime, *, connection: Request, task: str, prompts: list[list[int]], params: list[SamplingParams]
+    ) -> _Submission:
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[Event] = asyncio.Queue()
 
@@ -135,19 +160,48 @@ class _Submission:
             EngineRequest(task=task, prompt_ids=ids, params=p, emit=emit, index=i)
             for i, (ids, p) in enumerate(zip(prompts, params, strict=True))
         ]
+        settings = runtime.settings
+        retry_after = {"Retry-After": str(settings.retry_after)}
+        # Only the engine thread takes requests out of a queue, so a depth read here can only be
+        # too high by the time of the submit below, never too low: the per-task limit holds.
+        queued = runtime.engine.queue_depths().get(task, 0)
+        if queued + len(requests) > settings.max_queued_per_task:
+            raise APIError(
+                429, f"{queued} requests for model {task!r} are already queued "
+                f"(max_queued_per_task {settings.max_queued_per_task}); retry later",
+                code="queue_full", headers=retry_after,
+            )
         try:
             runtime.engine.submit(requests)
         except EngineStopped as e:
-            raise APIError(503, str(e)) from e
+            raise APIError(503, str(e), headers=retry_after) from e
         except QueueFull as e:
-            raise APIError(429, str(e), code="queue_full") from e
-        return cls(requests=requests, queue=queue)
+            raise APIError(429, str(e), code="queue_full", headers=retry_after) from e
+        timeout = settings.request_timeout
+        return cls(requests=requests, queue=queue, connection=connection, deadline=loop.time() + timeout, timeout=timeout)
 
     async def events(self) -> AsyncIterator[Event]:
-        """Yield events until every request is done or has failed."""
+        """Yield events until every request is done or has failed.
+
+        Raises APIError(504) once the deadline passes and ClientDisconnected when the client
+        goes away; the caller cancels the requests in both cases.
+        """
+        loop = asyncio.get_running_loop()
         pending = {request.index for request in self.requests}
         while pending:
-            event = await self.queue.get()
+            remaining = self.deadline - loop.time()
+            if remaining <= 0:
+                raise APIError(
+                    504, f"the request did not finish within {self.timeout:g} s (request_timeout); "
+                    "lower max_tokens or retry when the server is less busy",
+                    code="timeout",
+                )
+            try:
+                event = await asyncio.wait_for(self.queue.get(), min(remaining, DISCONNECT_POLL_S))
+            except TimeoutError:
+                if await self.connection.is_disconnected():
+                    raise ClientDisconnected from None
+                continue
             if isinstance(event, (DoneEvent, ErrorEvent)):
                 pending.discard(event.index)
             yield event
@@ -217,7 +271,15 @@ async def _stream(
                     logger.warning("stream of task %s failed: %s", task, event.message)
                     yield _sse(error_body(_STATUS_BY_KIND[event.kind], event.message, code=_CODE_BY_KIND[event.kind]))
                     break
-                event = await anext(events, None)
+                try:
+                    event = await anext(events, None)
+                except APIError as e:  # the deadline passed mid-stream
+                    logger.info("stream of task %s failed: %s", task, e.message)
+                    yield _sse(error_body(e.status, e.message, code=e.code))
+                    break
+                except ClientDisconnected:
+                    logger.info("client of a task %s stream disconnected; cancelling its requests", task)
+                    return
             if len(completions) == len(submission.requests) and chunks.include_usage:
                 ordered = [completions[i] for i in range(len(completions))]
                 yield _sse(chunks.usage(_usage(ordered, n=chunks.n)))
@@ -282,9 +344,14 @@ class _ChunkWriter:
 
 
 @router.post("/v1/completions", response_model=None)
-async def completions(body: CompletionRequest, runtime: Runtime = Depends(get_runtime)) -> CompletionResponse | StreamingResponse:
+async def completions(
+    body: CompletionRequest,
+    connection: Request,
+    principal: Principal = Depends(require_key),
+    runtime: Runtime = Depends(get_runtime),
+) -> CompletionResponse | StreamingResponse:
     endpoint = "completions"
-    task = _counted(runtime, endpoint, lambda: _resolve_task(runtime, body.model))
+    task = _counted(runtime, endpoint, lambda: _resolve_task(runtime, body.model, principal))
     try:
         # 1. Tokenize each prompt and size its completion.
         prompts = body.prompts()
@@ -294,7 +361,7 @@ async def completions(body: CompletionRequest, runtime: Runtime = Depends(get_ru
         # 2. One engine request per choice.
         choice_ids = [ids for ids in prompt_ids for _ in range(body.n)]
         params = [_sampling(body, max_tokens=b, choice=j) for b in budgets for j in range(body.n)]
-        submission = _Submission.submit(runtime, task=task, prompts=choice_ids, params=params)
+        submission = _Submission.submit(runtime, connection=connection, task=task, prompts=choice_ids, params=params)
 
         # 3. Stream, or wait for every choice.
         if body.stream:
@@ -309,6 +376,9 @@ async def completions(body: CompletionRequest, runtime: Runtime = Depends(get_ru
     except APIError as e:
         runtime.metrics.requests.labels(task=task, endpoint=endpoint, status=str(e.status)).inc()
         raise
+    except ClientDisconnected:
+        runtime.metrics.requests.labels(task=task, endpoint=endpoint, status=str(CLIENT_CLOSED)).inc()
+        raise APIError(CLIENT_CLOSED, "the client closed the connection; its requests were cancelled") from None
     runtime.metrics.requests.labels(task=task, endpoint=endpoint, status="200").inc()
     choices = [
         CompletionChoice(
@@ -321,16 +391,21 @@ async def completions(body: CompletionRequest, runtime: Runtime = Depends(get_ru
 
 @router.post("/v1/chat/completions", response_model=None)
 async def chat_completions(
-    body: ChatCompletionRequest, runtime: Runtime = Depends(get_runtime)
+    body: ChatCompletionRequest,
+    connection: Request,
+    principal: Principal = Depends(require_key),
+    runtime: Runtime = Depends(get_runtime),
 ) -> ChatCompletionResponse | StreamingResponse:
     endpoint = "chat"
-    task = _counted(runtime, endpoint, lambda: _resolve_task(runtime, body.model))
+    task = _counted(runtime, endpoint, lambda: _resolve_task(runtime, body.model, principal))
     try:
         # 1. Render the chat template once; every choice shares the prompt.
         prompt_ids = _encode(runtime, _chat_prompt(runtime, body), add_special_tokens=False)
         budget = _token_budget(runtime, prompt_tokens=len(prompt_ids), requested=body.token_limit())
         params = [_sampling(body, max_tokens=budget, choice=j) for j in range(body.n)]
-        submission = _Submission.submit(runtime, task=task, prompts=[prompt_ids] * body.n, params=params)
+        submission = _Submission.submit(
+            runtime, connection=connection, task=task, prompts=[prompt_ids] * body.n, params=params
+        )
 
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -341,6 +416,9 @@ async def chat_completions(
     except APIError as e:
         runtime.metrics.requests.labels(task=task, endpoint=endpoint, status=str(e.status)).inc()
         raise
+    except ClientDisconnected:
+        runtime.metrics.requests.labels(task=task, endpoint=endpoint, status=str(CLIENT_CLOSED)).inc()
+        raise APIError(CLIENT_CLOSED, "the client closed the connection; its requests were cancelled") from None
     runtime.metrics.requests.labels(task=task, endpoint=endpoint, status="200").inc()
     choices = [
         ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)

@@ -26,6 +26,8 @@ UNAVAILABLE = "service_unavailable_error"
 # The error type OpenAI-style clients expect for each status.
 _TYPE_BY_STATUS = {
     400: INVALID_REQUEST,
+    401: "authentication_error",
+    403: "permission_error",
     404: NOT_FOUND,
     405: INVALID_REQUEST,
     409: CONFLICT,
@@ -33,21 +35,28 @@ _TYPE_BY_STATUS = {
     422: INVALID_REQUEST,
     429: "rate_limit_error",
     503: UNAVAILABLE,
+    504: "timeout_error",
 }
 
 
 class APIError(Exception):
     """An error to send to the client with its HTTP status."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return error_response(self.status, self.message, param=self.param, code=self.code)
+        response = error_response(self.status, self.message, param=self.param, code=self.code)
+        response.headers.update(self.headers or {})
+        return response
 
 
 def error_body(status: int, message: str, *, param: str | None = None, code: str | None = None) -> dict:

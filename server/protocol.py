@@ -10,15 +10,17 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4  # the limit OpenAI documents for `stop`
 MAX_CHOICES = 16  # prompts times n in one request; each choice is its own engine request
 
 
 class _Strict(BaseModel):
-    # Unknown fields (user, metadata, ...) are ignored; unsupported sampling options are rejected below.
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
+    # Unknown fields (user, metadata, ...) are ignored, because OpenAI clients send fields this server
+    # has no use for; unsupported sampling options are rejected below. Types are strict: "5" or 2.0
+    # for an integer, 1 for a boolean or true for a number is a 400, never silently converted.
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False, strict=True)
 
 
 class StreamOptions(_Strict):
@@ -97,6 +99,15 @@ class CompletionRequest(SamplingFields):
         if isinstance(value, list) and not value:
             raise ValueError("prompt must be a string or a non-empty list of strings")
         return value
+
+    @model_validator(mode="after")
+    def _check_choices(self) -> CompletionRequest:
+        choices = len(self.prompts()) * self.n
+        if choices > MAX_CHOICES:
+            raise ValueError(
+                f"{len(self.prompts())} prompts times n={self.n} asks for {choices} choices; the limit is {MAX_CHOICES}"
+            )
+        return self
 
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)

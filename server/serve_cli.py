@@ -1,13 +1,19 @@
 """The `deltamux serve` subcommand: one flag per Settings field, each also read from DELTAMUX_<NAME>.
 
 Flags default to None, so a value given neither on the command line nor in the environment
-falls back to the Settings default.
+falls back to the Settings default. API keys inline have no flag, because a command line is
+visible to every user of the machine: use --api-keys-file or DELTAMUX_API_KEYS.
+
+On SIGTERM (or Ctrl-C) the server drains: it closes its listening socket, returns 503 to any
+further /v1 request on an open connection, waits up to `shutdown_timeout` seconds for in-flight
+requests, stops the engine (which restores the base weights) and exits with status 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import signal
 
 logger = logging.getLogger(__name__)
 
@@ -18,7 +24,8 @@ _CHOICES = {
     "swap_mode": ("exact", "subtract"),
 }
 # log_level is the top-level --log-level flag of `deltamux`; DELTAMUX_LOG_LEVEL still applies.
-_SKIPPED = {"log_level"}
+# api_keys is read only from DELTAMUX_API_KEYS, so keys never appear in a process listing.
+_SKIPPED = {"log_level", "api_keys"}
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -51,6 +58,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError  # noqa: PLC0415
 
     from server.app import create_app  # noqa: PLC0415
+    from server.auth import KeyConfigError  # noqa: PLC0415
     from server.settings import Settings  # noqa: PLC0415
 
     explicit = {name: value for name, value in vars(args).items() if name in Settings.model_fields and value is not None}
@@ -64,7 +72,39 @@ def run_serve(args: argparse.Namespace) -> int:
     if "log_level" in settings.model_fields_set:
         logging.getLogger().setLevel(settings.log_level.upper())
 
-    logger.info("starting deltamux serve on http://%s:%d", settings.host, settings.port)
-    # log_config=None keeps the logging set up by the entry point for uvicorn's loggers too.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    try:
+        app = create_app(settings)
+    except KeyConfigError as e:
+        logger.error("cannot start: %s", e)
+        return 2
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn's server, which also marks the app as draining when a stop signal arrives."""
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if not app.state.draining:
+                logger.info("received %s: draining for up to %.0f s", signal.Signals(sig).name, settings.shutdown_timeout)
+            app.state.draining = True
+            super().handle_exit(sig, frame)
+
+    # uvicorn (0.55) raises a captured SIGTERM again after its graceful shutdown. This handler
+    # catches that second SIGTERM, so a drained server exits with 0 instead of being killed.
+    stopped_by: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda sig, frame: stopped_by.append(sig))
+    try:
+        logger.info("starting deltamux serve on http://%s:%d", settings.host, settings.port)
+        # log_config=None keeps the logging set up by the entry point for uvicorn's loggers too.
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, log_config=None,
+            timeout_graceful_shutdown=settings.shutdown_timeout,
+        )
+        server = DrainingServer(config)
+        server.run()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if not server.started:
+        logger.error("the server did not start; see the errors above")
+        return 3  # uvicorn's own exit status for a failed start-up
+    if stopped_by:
+        logger.info("stopped after SIGTERM")
     return 0

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,28 @@ class Settings(BaseSettings):
         None, description="Model id that serves the base itself; defaults to the base folder's name."
     )
     log_level: str = Field("INFO", description="Logging level of the entry point (DEBUG, INFO, WARNING, ...).")
+    api_keys_file: Path | None = Field(
+        None, description="JSON file of API keys (name, key, tasks, admin); with keys, every /v1 route needs one."
+    )
+    api_keys: SecretStr | None = Field(
+        None, description="The same JSON as api_keys_file, given inline; set it only through DELTAMUX_API_KEYS."
+    )
+    metrics_require_key: bool = Field(
+        False, description="Serve /metrics only to admin keys (its labels name every task); needs API keys."
+    )
+    max_queued_per_task: int = Field(
+        256, ge=1, description="Requests waiting for one task before new ones for it get 429 Too Many Requests."
+    )
+    retry_after: int = Field(1, ge=0, description="Seconds sent in the Retry-After header of a 429 response.")
+    request_timeout: float = Field(
+        600.0, gt=0, description="Seconds a completion may take, queueing included, before it fails with 504."
+    )
+    max_request_bytes: int = Field(
+        4 << 20, ge=1, description="Largest JSON request body in bytes; larger ones get 413 (uploads: max_upload_bytes)."
+    )
+    shutdown_timeout: float = Field(
+        30.0, ge=0, description="Seconds a SIGTERM waits for in-flight requests before it cancels them."
+    )
 
 
 @dataclass(frozen=True)

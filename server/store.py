@@ -7,6 +7,10 @@ Registration writes the upload to a hidden temporary file in the same folder and
 full (checksum, base fingerprint, tensor names and shapes). Only then is it renamed into place,
 so a task becomes visible complete or not at all.
 
+Start-up removes the temporary files of uploads that a crash interrupted and logs how many it
+removed. Symbolic links in the folder are never served, so a link cannot expose a file outside
+the store.
+
 Each registration gets a new `version`. The engine and the residency cache key on
 (task, version), so a task deleted and registered again under the same name never runs with the
 old delta.
@@ -31,6 +35,7 @@ from deltastore.format import (
     DeltaFile,
     DeltaFormatError,
     DeltaMetadata,
+    FingerprintMismatch,
     delta_file_name,
     read_delta,
     read_metadata,
@@ -82,6 +87,7 @@ class Store:
         self._tasks: dict[str, StoredTask] = {}
         self._lock = threading.Lock()
         self._versions = itertools.count(1)
+        self.leftovers_removed = 0  # unfinished uploads the last scan removed
 
     # -- listing ---------------------------------------------------------------------------
 
@@ -89,18 +95,28 @@ class Store:
         """Rebuild the index from the folder; leftover temporary uploads are removed."""
         self.folder.mkdir(parents=True, exist_ok=True)
         found: dict[str, StoredTask] = {}
+        leftovers = 0
         for path in sorted(self.folder.iterdir()):
             if path.name.startswith(UPLOAD_PREFIX):
-                logger.info("removing an unfinished upload %s", path.name)
+                logger.warning("removing the unfinished upload %s (%d bytes)", path.name, _size(path))
                 path.unlink(missing_ok=True)
+                leftovers += 1
                 continue
-            if not path.name.endswith(FILE_SUFFIX) or not path.is_file():
+            if not path.name.endswith(FILE_SUFFIX):
+                continue
+            if path.is_symlink():
+                logger.warning("skipping %s: it is a symbolic link, and the store serves only regular files", path.name)
+                continue
+            if not path.is_file():
                 continue
             entry = self._index_file(path)
             if entry is not None:
                 found[entry.task] = entry
         with self._lock:
             self._tasks = found
+        if leftovers:
+            logger.warning("removed %d unfinished uploads from %s", leftovers, self.folder)
+        self.leftovers_removed = leftovers
         logger.debug("scanned %s: %d usable delta files", self.folder, len(found))
 
     def tasks(self) -> list[StoredTask]:
@@ -117,7 +133,7 @@ class Store:
             path = self.folder / delta_file_name(task)
         except ValueError as e:
             raise TaskNotFound(task) from e
-        if task in self._reserved or not path.is_file():
+        if task in self._reserved or path.is_symlink() or not path.is_file():
             raise TaskNotFound(task)
         entry = self._index_file(path)
         if entry is None:
@@ -157,7 +173,15 @@ class Store:
         try:
             self.check_new_name(task)
 
-            # 1. Full read: header, checksum and base fingerprint; then names and shapes.
+            # 1. Header first: a file for another task, base or architecture is rejected before its
+            # arrays are read. Then the full read: checksum, base fingerprint and every array.
+            header = read_metadata(upload)
+            if header.base_fingerprint != self.base_fingerprint:
+                raise FingerprintMismatch(
+                    f"the file was made for base {header.base_fingerprint!r}, but the base in use is "
+                    f"{self.base_fingerprint!r}; compress the fine-tune again against this base"
+                )
+            check_compatible(header, self._params)
             delta = read_delta(upload, expected_fingerprint=self.base_fingerprint)
             metadata = delta.metadata
             del delta
@@ -227,6 +251,13 @@ class Store:
             task=metadata.task, path=path, metadata=metadata, file_bytes=path.stat().st_size,
             version=next(self._versions),
         )
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def _fsync_folder(folder: Path) -> None:
