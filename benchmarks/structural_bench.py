@@ -1,9 +1,9 @@
 """Time apply + restore of structural (rows, columns) deltas against unstructured ones at equal drop rates.
 
 For each drop rate the script builds three random deltas over every attention and MLP projection
-of the base (the real checkpoint with --base, else random tensors of SmolLM2-135M's shapes):
-single entries kept with probability 1 - p, whole rows kept with probability 1 - p, and whole
-columns kept with probability 1 - p. All three keep about the same number of values. It reports
+of the base: the real checkpoint with --base, else random tensors of SmolLM2-135M's shapes. They
+keep single entries, whole rows or whole columns, each with probability 1 - p, so all three keep
+about the same number of values. It reports
 the median time of one exact-mode apply + restore of each, and the decoded size on the device.
 
 Usage: python benchmarks/structural_bench.py [--base DIR] [--dtype float32|bfloat16|float16]

@@ -1,9 +1,9 @@
 """Compare the value dtypes of a delta file: bytes per kept value and round-trip error.
 
 Builds DARE-pruned Gaussian deltas (standard deviation --delta-std) over the projections of the
-first --layers layers of SmolLM2-135M's shapes, writes them with each value dtype, reads them
-back and reports the payload bytes, bytes per kept value, and the error of the decoded values
-relative to the float32 ones (RMS and maximum, both divided by the RMS of the values).
+first --layers layers of SmolLM2-135M's shapes, then writes and reads them back with each value
+dtype. It reports the payload bytes, the bytes per kept value, and the error of the decoded
+values: RMS and maximum, both divided by the RMS of the exact values.
 
 Usage: python benchmarks/value_dtype_bench.py [--layers 4] [--drop-rate 0.9]
 Prints a markdown table.

@@ -169,9 +169,9 @@ def collect_input_norms(model: torch.nn.Module, windows: list[torch.Tensor]) -> 
 class InputMeans:
     """Forward hooks that sum the signed input of every linear layer over all calibration tokens.
 
-    Use as a context manager around any forward passes (for example the ones that record reference
-    logits), so the activations come from the same single pass; `means()` then returns, per weight
-    name (`<module>.weight`), the float32 mean input of each feature, shape (in_features,).
+    Use it as a context manager around any forward passes, for example the ones that record
+    reference logits, so the activations come from that same single pass. `means()` then returns,
+    per weight name (`<module>.weight`), the float32 mean input of each feature, shape (in_features,).
     """
 
     def __init__(self, model: torch.nn.Module) -> None:

@@ -314,7 +314,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     for name, info in metadata.tensors.items():
         kept = info.nnz / info.numel if info.numel else 0.0
         shape = "x".join(str(size) for size in info.shape) or "scalar"
-        q_value = f"  {layer_q[name]:>7.4f}" if name in layer_q else (f"  {'-':>7}" if layer_q else "")
+        q_value = ""
+        if name in layer_q:
+            q_value = f"  {layer_q[name]:>7.4f}"
+        elif layer_q:
+            q_value = f"  {'-':>7}"
         print(
             f"{name:<{name_width}}  {info.kind:<7}  {shape:<14}  {info.nnz:>10}  {kept:>7.2%}  {info.value_dtype:<8}  {info.nbytes:>10}{q_value}"
         )

@@ -68,7 +68,7 @@ DEFAULT_PRUNED_PATTERNS: tuple[str, ...] = (
 # Output-embedding names that share storage with the input embedding when the config ties them.
 TIED_OUTPUT_NAMES: tuple[str, ...] = ("lm_head.weight",)
 
-# The method name that asks the recommender (recommend.py) to choose the method and drop rate.
+# The method name that lets the recommender (recommend.py) choose the method and drop rate.
 AUTO_METHOD = "auto"
 
 # Policies for a changed tensor that is not pruned: store it dense, or leave it out of the delta.

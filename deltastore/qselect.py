@@ -177,7 +177,7 @@ def _collect_masked(
 ) -> tuple[dict[int, dict[str, Pruned]], dict[str, DenseEntry]]:
     """Draw each seed's DARE mask once and keep the unscaled kept values (q = 1).
 
-    `inspect_delta`, when given, sees every pruned tensor's full float32 delta before it is freed.
+    `inspect_delta`, when given, is called with every pruned tensor's full float32 delta before it is freed.
     """
     masked: dict[int, dict[str, Pruned]] = {seed: {} for seed in seeds}
     dense: dict[str, DenseEntry] = {}

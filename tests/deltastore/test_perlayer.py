@@ -128,7 +128,7 @@ def _float32_delta(base, finetuned, name: str) -> torch.Tensor:
     return Checkpoint.open(finetuned).get(name).float() - Checkpoint.open(base).get(name).float()
 
 
-def test_fixed_eta_stores_layer_q_and_scales_each_layer(tmp_path, tiny_base, tiny_finetunes, calibration_file) -> None:
+def test_fixed_eta_scales_each_layer(tmp_path, tiny_base, tiny_finetunes, calibration_file) -> None:
     metadata = compress(
         base=tiny_base, finetuned=tiny_finetunes["alpha"], task="alpha", store=tmp_path, method="darex-q",
         drop_rate=0.9, q_select="per-layer", eta=0.4, calibration=calibration_file, value_dtype="float32",
