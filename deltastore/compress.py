@@ -5,6 +5,10 @@ memory is the kept entries plus a few tensors, never two whole models. By defaul
 of attention and MLP linear layers are pruned with the chosen method. Every other tensor that
 changed (norms, biases, embeddings) is stored dense (`other_tensors="exact"`) or left out
 (`"drop"`), and tensors equal in both checkpoints are skipped.
+
+The fine-tune may also be a PEFT LoRA adapter folder (lora.py), whose delta is formed directly
+from its factors. A `structure` prunes whole rows or columns (structural.py) instead of entries,
+and method "auto" asks the recommender (recommend.py) for the method and drop rate.
 """
 
 from __future__ import annotations

@@ -23,7 +23,14 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from deltastore.calibration import DEFAULT_MAX_WINDOWS, DEFAULT_WINDOW_TOKENS, read_calibration, read_validation
+from deltastore.calibration import (
+    DEFAULT_MAX_WINDOWS,
+    DEFAULT_WINDOW_TOKENS,
+    ValidationSample,
+    read_calibration,
+    read_validation,
+)
+from deltastore.checkpoint import Checkpoint
 from deltastore.compress import (
     CompressError,
     CompressOptions,
@@ -35,7 +42,7 @@ from deltastore.compress import (
     plan_tensors,
 )
 from deltastore.format import Entry, write_delta
-from deltastore.lora import open_lora_pair
+from deltastore.lora import LoraCheckpoint, open_lora_pair
 from deltastore.scoring import DEFAULT_MAX_NEW_TOKENS
 
 logger = logging.getLogger(__name__)
@@ -263,8 +270,21 @@ def recommend(
 class _Searcher:
     """Scores candidate deltas on the base model: validation accuracy, or top-5 logit MSE to the fine-tune."""
 
-    def __init__(self, *, base_checkpoint, finetuned_checkpoint, plan, seed, validation, calibration, calibration_path,
-                 device, window_tokens, max_windows, max_new_tokens) -> None:
+    def __init__(
+        self,
+        *,
+        base_checkpoint: Checkpoint,
+        finetuned_checkpoint: Checkpoint | LoraCheckpoint,
+        plan: TensorPlan,
+        seed: int,
+        validation: list[ValidationSample] | None,
+        calibration: list[str] | None,
+        calibration_path: Path | None,
+        device: str,
+        window_tokens: int,
+        max_windows: int,
+        max_new_tokens: int,
+    ) -> None:
         from deltastore.apply import model_params
         from deltastore.calibration import token_windows
         from deltastore.scoring import load_causal_lm, output_change, reference_logits, score_model

@@ -177,3 +177,19 @@ def test_int8_relabelled_float16_rejected(tmp_path: Path) -> None:
 
     with pytest.raises(DeltaFormatError, match="is I8 .* expected F16"):
         read_delta(path)
+
+
+def test_int8_empty_entries_round_trip(tmp_path: Path) -> None:
+    entries = {
+        "nothing_kept": SparseEntry(shape=(3, 3), indices=torch.zeros(0, dtype=torch.int64), values=torch.zeros(0)),
+        "no_rows": _structured((4, 5), 0, []),
+        "empty": SparseEntry(shape=(0, 4), indices=torch.zeros(0, dtype=torch.int64), values=torch.zeros(0)),
+    }
+    path = tmp_path / "demo.delta.safetensors"
+    _write(path, entries, value_dtype="int8")
+
+    decoded = read_delta(path).entries
+
+    assert decoded["nothing_kept"].values.numel() == 0
+    assert tuple(decoded["no_rows"].values.shape) == (0, 5)
+    assert decoded["empty"].values.numel() == 0
