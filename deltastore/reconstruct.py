@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from deltastore.apply import DecodedDelta, apply, decode_entry
 from deltastore.checkpoint import FINGERPRINT_FILE, Checkpoint, fingerprint
-from deltastore.format import DeltaFormatError, DenseEntry, Entry, read_delta
+from deltastore.format import DeltaFormatError, Entry, read_delta
 
 logger = logging.getLogger(__name__)
 
@@ -27,19 +28,16 @@ class ReconstructError(ValueError):
 
 
 def add_entry(weight: torch.Tensor, entry: Entry) -> torch.Tensor:
-    """Return `weight + delta` computed in float32 and rounded once to the weight's dtype.
+    """Return `weight + delta` as a new tensor, through the same code as an in-place apply.
 
-    The arithmetic is the same as apply.apply in exact mode, so a reconstructed model equals the
-    base with the delta applied in place, bit for bit.
+    So a reconstructed model equals the base with the delta applied in place, bit for bit,
+    for every entry kind (sparse, dense, rows, columns).
     """
     if tuple(weight.shape) != tuple(entry.shape):
         raise DeltaFormatError(f"delta tensor of shape {tuple(entry.shape)} does not fit weight of shape {tuple(weight.shape)}")
-    if isinstance(entry, DenseEntry):
-        return (weight.float() + entry.values.reshape(weight.shape)).to(weight.dtype)
     result = weight.clone().contiguous()
-    flat = result.view(-1)
-    base_values = flat.index_select(0, entry.indices)
-    flat.index_copy_(0, entry.indices, (base_values.float() + entry.values).to(weight.dtype))
+    decoded = DecodedDelta(task="reconstruct", tensors=[decode_entry("weight", entry)], device=result.device)
+    apply({"weight": result}, decoded)
     return result
 
 
