@@ -16,8 +16,8 @@ if [[ ! -d "$DELTAMUX_STORE" ]]; then
 fi
 
 if [[ -z "${DELTAMUX_BASE:-}" ]]; then
-  # fetch-base prints the folder of the converted base; it does nothing when the folder is complete.
-  DELTAMUX_BASE="$("$DELTAMUX" fetch-base --quiet)"
+  # fetch-base prints "FOLDER<TAB>FINGERPRINT"; it does nothing when the folder is already complete.
+  DELTAMUX_BASE="$("$DELTAMUX" fetch-base | tail -n 1 | cut -f 1)"
   export DELTAMUX_BASE
 elif [[ ! -d "$DELTAMUX_BASE" ]]; then
   echo "deltamux: base folder '$DELTAMUX_BASE' does not exist; mount it, or unset DELTAMUX_BASE to fetch the demo base" >&2
