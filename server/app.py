@@ -286,7 +286,9 @@ async def _receive_delta(request: Request, *, task: str, runtime: Runtime) -> St
         except TaskExists as e:
             raise APIError(409, str(e), param="task", code="task_exists") from e
         except DeltaFormatError as e:
-            raise APIError(422, f"invalid delta file: {e}", param="body", code="invalid_delta") from e
+            # The reader names the file it read, which here is the hidden temporary upload.
+            reason = str(e).replace(repr(upload.name), "the uploaded file")
+            raise APIError(422, f"invalid delta file: {reason}", param="body", code="invalid_delta") from e
     finally:
         upload.unlink(missing_ok=True)
 
