@@ -52,7 +52,8 @@ class SamplingFields(_Strict):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     n: int = Field(1, ge=1, le=MAX_CHOICES)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    # seed + choice index seeds torch.Generator, which takes a signed or unsigned 64-bit value.
+    seed: int | None = Field(None, ge=-(2**63), le=2**63 - 1 - MAX_CHOICES)
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="Not in OpenAI's API (vLLM has it): generate max_tokens tokens.")

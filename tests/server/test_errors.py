@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -153,3 +155,106 @@ def test_queue_full_429(live) -> None:
         assert caught.value.body["code"] == "queue_full"
     finally:
         engine.max_queued_requests = limit
+
+
+# -- wrong JSON types, hostile values and the unknown-field policy -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", "hot"),
+        ("temperature", True),
+        ("top_p", "0.5"),
+        ("top_p", -0.1),
+        ("max_tokens", "5"),
+        ("max_tokens", 2.5),
+        ("max_tokens", 2.0),
+        ("max_tokens", True),
+        ("max_tokens", 1e400),
+        ("n", "2"),
+        ("stream", "yes"),
+        ("stream", 1),
+        ("stop", 5),
+        ("stop", [1, 2]),
+        ("stop", {"a": "b"}),
+        ("seed", "1"),
+        ("seed", 1.5),
+        ("seed", 10**30),
+        ("seed", -(2**64)),
+        ("echo", "true"),
+        ("ignore_eos", None),
+        ("stream_options", {"include_usage": "yes"}),
+        ("model", 5),
+        ("model", None),
+        ("prompt", {"text": "I"}),
+        ("prompt", [1, 2, 3]),
+        ("prompt", None),
+    ],
+)
+def test_wrong_types_400(live, field: str, value) -> None:
+    body = {"model": BASE_ID, "prompt": "I", "max_tokens": 2, field: value}
+    raw = json.dumps(body).replace("Infinity", "1e400")
+    error = _assert_openai_error(_post_raw(live, "/v1/completions", raw), 400)
+    assert error["param"] is not None
+    assert error["param"].split(".")[0] == field
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        "hello",
+        [{"role": "user", "content": 5}],
+        [{"role": "user", "content": [{"type": "text", "text": 7}]}],
+        [{"role": "user", "content": [{"text": "no type"}]}],
+        [{"role": 1, "content": "x"}],
+        [None],
+    ],
+)
+def test_chat_wrong_types_400(live, messages) -> None:
+    response = httpx.post(f"{live.base_url}/v1/chat/completions", json={"model": BASE_ID, "messages": messages})
+    _assert_openai_error(response, 400)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\xff\xfe not utf-8",
+        b'"just a string"',
+        b"null",
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"model": "tiny-base", "prompt": "I", "max_tokens": 2',
+        b"",
+    ],
+)
+def test_unparsable_bodies_400(live, body: bytes) -> None:
+    response = httpx.post(f"{live.base_url}/v1/completions", content=body, headers={"content-type": "application/json"})
+    _assert_openai_error(response, 400)
+
+
+def test_too_many_choices_400(live) -> None:
+    body = {"model": BASE_ID, "prompt": ["a", "b", "c"], "n": 6, "max_tokens": 2}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/completions", json=body), 400)
+    assert "18 choices" in error["message"]
+
+
+def test_edge_seeds_served(live) -> None:
+    for seed in (-(2**63), -1, 0, 2**63 - 17):
+        body = {"model": BASE_ID, "prompt": "I", "max_tokens": 2, "seed": seed, "n": 16}
+        response = httpx.post(f"{live.base_url}/v1/completions", json=body, timeout=60)
+        assert response.status_code == 200, (seed, response.text)
+
+
+def test_unknown_fields_ignored(live) -> None:
+    # Policy: fields this server does not know are ignored, because OpenAI clients send extras
+    # such as `user` and `metadata`; unsupported sampling options are rejected instead (see above).
+    body = {"model": BASE_ID, "prompt": "I", "max_tokens": 2, "user": "u-1", "metadata": {"k": "v"}, "x_custom": [1]}
+    assert httpx.post(f"{live.base_url}/v1/completions", json=body).status_code == 200
+    chat = {"model": BASE_ID, "messages": [{"role": "user", "content": "x", "name": "bob"}], "max_tokens": 2, "store": False}
+    assert httpx.post(f"{live.base_url}/v1/chat/completions", json=chat).status_code == 200
+
+
+def test_prompt_beyond_context_on_chat_400(live) -> None:
+    messages = [{"role": "user", "content": "0 1 2 3 4 5 6 7 8 9 " * live.runtime.context_length}]
+    response = httpx.post(f"{live.base_url}/v1/chat/completions", json={"model": "alpha", "messages": messages})
+    assert _assert_openai_error(response, 400)["code"] == "context_length_exceeded"
