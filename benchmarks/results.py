@@ -1,0 +1,530 @@
+"""Compress real fine-tunes over a grid of methods and drop rates, score each on a task split.
+
+The driver behind docs/results.md and the demo deltas. Every cell of the grid (task, optimizer,
+variant, drop rate) runs `deltamux compress` as a subprocess, with the arguments its recorded
+command shows. The driver then scores base + delta on a split of the task data and appends one
+JSON line to the results file. A cell whose row is already in the file is skipped, so an interrupted run resumes
+where it stopped, and `table` rebuilds the markdown tables from the file alone.
+
+Scoring runs in this process on one loaded base: `apply` (mode exact, float32) writes base + delta
+into the model, the task metric of `deltastore.realdata.evaluate` runs, and `restore` puts the
+base back. That computes what `deltamux reconstruct` followed by `deltamux score-task` on the
+written folder computes, without writing a 540 MB folder per cell; each row records those two
+commands as the equivalent.
+
+    python benchmarks/results.py inputs --base /work/base1 --work /work/runs/results
+    python benchmarks/results.py run --base /work/base1 --runs /work/runs --work /work/runs/results \
+        --task sentiment --variant dare --variant magnitude --drop-rate 0.99 --split test --limit 100
+    python benchmarks/results.py table --results /work/runs/results/results.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger("benchmarks.results")
+
+TASKS = ("sentiment", "arithmetic", "instruct")
+OPTIMIZERS = ("adamw", "adamr")
+# Calibration and validation budgets of the q searches and WANDA, small because the grid runs
+# on a shared 2-core CPU; raise them on a larger machine.
+CALIBRATION_EXAMPLES = 32
+WINDOW_TOKENS = 128
+MAX_WINDOWS = 8
+SEARCH_VALIDATION_EXAMPLES = 20
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One compression recipe: a `deltamux compress` method and its extra options."""
+
+    name: str
+    method: str
+    options: tuple[str, ...] = ()
+    # Which prepared input files the options name: "calibration", "search-validation".
+    inputs: tuple[str, ...] = ()
+
+
+VARIANTS: dict[str, Variant] = {
+    variant.name: variant
+    for variant in (
+        Variant(name="dare", method="dare"),
+        Variant(
+            name="darex-q-output-change", method="darex-q",
+            options=("--q-select", "output-change"), inputs=("calibration",),
+        ),
+        Variant(
+            name="darex-q-validation", method="darex-q",
+            options=("--q-select", "validation", "--max-new-tokens", "16"), inputs=("search-validation",),
+        ),
+        Variant(name="magnitude", method="magnitude"),
+        Variant(name="wanda", method="wanda", inputs=("calibration",)),
+        # Ablations of per-layer q, row structure and int8 values, run at one drop rate.
+        Variant(
+            name="darex-q-per-layer", method="darex-q",
+            options=("--q-select", "per-layer"), inputs=("calibration",),
+        ),
+        Variant(
+            name="darex-q-output-change-int8", method="darex-q",
+            options=("--q-select", "output-change", "--value-dtype", "int8"), inputs=("calibration",),
+        ),
+        Variant(
+            name="darex-q-output-change-rows", method="darex-q",
+            options=("--q-select", "output-change", "--structure", "rows"), inputs=("calibration",),
+        ),
+        Variant(name="magnitude-int8", method="magnitude", options=("--value-dtype", "int8")),
+        Variant(name="magnitude-rows", method="magnitude", options=("--structure", "rows")),
+    )
+}
+
+# Rows that score a whole model folder instead of a compressed delta.
+REFERENCE_MODELS = ("base", "finetuned")
+
+
+@dataclass
+class Row:
+    """One measured cell: what was compressed, how, and its score."""
+
+    task: str
+    optimizer: str | None
+    variant: str
+    drop_rate: float | None
+    split: str
+    limit: int | None
+    metric: str
+    value: float
+    examples: int
+    higher_is_better: bool
+    commands: list[str]
+    delta_path: str | None = None
+    nnz: int | None = None
+    nbytes: int | None = None
+    q: float | None = None
+    compress_seconds: float | None = None
+    score_seconds: float | None = None
+    params: dict = field(default_factory=dict)
+
+    def key(self) -> tuple:
+        return (self.task, self.optimizer, self.variant, self.drop_rate, self.split, self.limit)
+
+
+def row_key(record: dict) -> tuple:
+    return tuple(record.get(name) for name in ("task", "optimizer", "variant", "drop_rate", "split", "limit"))
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def append_row(path: Path, row: Row) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write(json.dumps(asdict(row), sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# inputs: calibration text and the small validation file of the q search
+
+
+def input_paths(work: Path, task: str) -> dict[str, Path]:
+    return {
+        "calibration": work / "inputs" / f"{task}-calibration.jsonl",
+        "search-validation": work / "inputs" / f"{task}-validation-{SEARCH_VALIDATION_EXAMPLES}.jsonl",
+    }
+
+
+def prepare_inputs(*, base: Path, data_dir: Path, work: Path, tasks: list[str]) -> None:
+    """Write, per task, calibration text from the train split and a rendered validation subset.
+
+    Calibration lines are `{"text": prompt + reference reply}` rendered by the base's chat template,
+    so the windows resemble the text the task's model reads. The validation subset holds the first
+    SEARCH_VALIDATION_EXAMPLES validation examples with text prompts, the form the q search reads.
+    """
+    from transformers import AutoTokenizer
+
+    from deltastore.realdata.encoding import render_completion, render_prompt
+    from deltastore.realdata.tasks import load_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(base, local_files_only=True)
+    for task in tasks:
+        paths = input_paths(work, task)
+        paths["calibration"].parent.mkdir(parents=True, exist_ok=True)
+
+        train = load_examples(data_dir / task / "train.jsonl")[:CALIBRATION_EXAMPLES]
+        lines = [
+            json.dumps({"text": render_prompt(tokenizer, ex.prompt) + render_completion(tokenizer, ex)}, ensure_ascii=False)
+            for ex in train
+        ]
+        paths["calibration"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+        validation = load_examples(data_dir / task / "validation.jsonl")[:SEARCH_VALIDATION_EXAMPLES]
+        lines = []
+        for ex in validation:
+            record = {"prompt": render_prompt(tokenizer, ex.prompt), "completion": ex.completion}
+            if ex.answer is not None:
+                record["answer"] = ex.answer
+            lines.append(json.dumps(record, ensure_ascii=False))
+        paths["search-validation"].write_text("\n".join(lines) + "\n", encoding="utf-8")
+        logger.info("inputs for %s: %s", task, ", ".join(str(p) for p in paths.values()))
+
+
+# ---------------------------------------------------------------------------------------------
+# compress
+
+
+def deltamux_command() -> str:
+    """Return the `deltamux` executable beside this interpreter, else the one on PATH."""
+    beside = Path(sys.executable).with_name("deltamux")
+    if beside.is_file():
+        return str(beside)
+    found = shutil.which("deltamux")
+    if found is None:
+        raise FileNotFoundError("no deltamux executable beside the interpreter or on PATH; install the package with pip -e .")
+    return found
+
+
+def compress_command(
+    *, base: Path, finetuned: Path, task: str, store: Path, variant: Variant, drop_rate: float, work: Path
+) -> list[str]:
+    command = [
+        "deltamux", "compress", "--base", str(base), "--finetuned", str(finetuned), "--task", task,
+        "--store", str(store), "--method", variant.method, "--drop-rate", f"{drop_rate:g}",
+        *variant.options,
+    ]
+    paths = input_paths(work, task)
+    if "calibration" in variant.inputs:
+        command += ["--calibration", str(paths["calibration"])]
+        command += ["--window-tokens", str(WINDOW_TOKENS), "--max-windows", str(MAX_WINDOWS)]
+    if "search-validation" in variant.inputs:
+        command += ["--validation", str(paths["search-validation"])]
+    return command
+
+
+def cell_store(work: Path, *, optimizer: str, variant: str, drop_rate: float) -> Path:
+    return work / "deltas" / f"{optimizer}-{variant}-p{drop_rate:g}"
+
+
+def run_compress(command: list[str], *, log_path: Path) -> float:
+    """Run one compress command with its output appended to `log_path`; return its seconds."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with log_path.open("a", encoding="utf-8") as log:
+        log.write(f"$ {shlex.join(command)}\n")
+        log.flush()
+        completed = subprocess.run([deltamux_command(), *command[1:]], stdout=log, stderr=subprocess.STDOUT, check=False)
+    seconds = time.perf_counter() - started
+    if completed.returncode != 0:
+        raise RuntimeError(f"compress failed with exit code {completed.returncode}; see {log_path}")
+    return seconds
+
+
+# ---------------------------------------------------------------------------------------------
+# scoring in process
+
+
+class Scorer:
+    """One base model kept loaded; scores a model folder or base + a delta file on a task split."""
+
+    def __init__(self, *, base: Path, data_dir: Path, batch_size: int) -> None:
+        self.base = base
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self._model = None
+        self._tokenizer = None
+
+    def _load(self, folder: Path):  # noqa: ANN202
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        # float32, as score-task loads models, so scores do not depend on half-precision kernels.
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True).eval()
+        return model, tokenizer
+
+    def base_model(self):  # noqa: ANN201
+        if self._model is None:
+            self._model, self._tokenizer = self._load(self.base)
+        return self._model, self._tokenizer
+
+    def score(self, model, tokenizer, *, task: str, split: str, limit: int | None) -> tuple[str, float, int, bool]:  # noqa: ANN001
+        from deltastore.realdata.evaluate import METRICS, generate_replies, mean_nll
+        from deltastore.realdata.tasks import get_task, load_examples
+
+        metric = METRICS[get_task(task).metric]
+        examples = load_examples(self.data_dir / task / f"{split}.jsonl")
+        if limit is not None:
+            examples = examples[:limit]
+        if metric.extract is None:
+            value = mean_nll(model, tokenizer, examples, batch_size=self.batch_size, max_length=512)
+        else:
+            replies = generate_replies(model, tokenizer, examples, max_new_tokens=metric.max_new_tokens, batch_size=self.batch_size)
+            hits = [metric.extract(reply) == ex.answer for reply, ex in zip(replies, examples, strict=True)]
+            value = sum(hits) / len(hits)
+        return metric.name, value, len(examples), metric.higher_is_better
+
+    def score_folder(self, folder: Path, *, task: str, split: str, limit: int | None) -> tuple[str, float, int, bool]:
+        if folder == self.base:
+            model, tokenizer = self.base_model()
+            return self.score(model, tokenizer, task=task, split=split, limit=limit)
+        model, tokenizer = self._load(folder)
+        try:
+            return self.score(model, tokenizer, task=task, split=split, limit=limit)
+        finally:
+            del model
+
+    def score_delta(self, delta_path: Path, *, task: str, split: str, limit: int | None) -> tuple[str, float, int, bool]:
+        from deltastore.apply import apply, decode, model_params, restore
+        from deltastore.checkpoint import fingerprint
+        from deltastore.format import read_delta
+
+        model, tokenizer = self.base_model()
+        delta = read_delta(delta_path, expected_fingerprint=fingerprint(self.base))
+        params = model_params(model)
+        applied = apply(params, decode(delta, device="cpu"), mode="exact")
+        try:
+            return self.score(model, tokenizer, task=task, split=split, limit=limit)
+        finally:
+            restore(params, applied)
+
+
+def score_commands(*, model: str, task: str, split: str, limit: int | None, delta: Path | None, base: Path) -> list[str]:
+    """Return the CLI commands that compute the same score as the in-process scorer."""
+    limit_args = [] if limit is None else ["--limit", str(limit)]
+    commands = []
+    if delta is not None:
+        commands.append(shlex.join(["deltamux", "reconstruct", "--base", str(base), "--out", model, str(delta)]))
+    commands.append(shlex.join(["deltamux", "score-task", "--model", model, "--task", task, "--split", split, *limit_args]))
+    return commands
+
+
+# ---------------------------------------------------------------------------------------------
+# the grid
+
+
+@dataclass(frozen=True)
+class GridSettings:
+    """Input folders, the results file and the cells to run, in order."""
+
+    base: Path
+    runs: Path
+    data_dir: Path
+    work: Path
+    results: Path
+    tasks: list[str]
+    optimizers: list[str]
+    variants: list[str]
+    drop_rates: list[float]
+    split: str
+    limit: int | None
+    references: bool
+    batch_size: int
+
+
+def finetune_folder(runs: Path, task: str, optimizer: str) -> Path | None:
+    """Return the finished fine-tune `RUNS/<task>-<optimizer>`, or None while it is missing or running."""
+    folder = runs / f"{task}-{optimizer}"
+    if not (folder / "model.safetensors").is_file() or not (folder / "finetune.json").is_file():
+        return None
+    return folder
+
+
+def run_grid(settings: GridSettings) -> None:
+    done = {row_key(record) for record in read_rows(settings.results)}
+    scorer = Scorer(base=settings.base, data_dir=settings.data_dir, batch_size=settings.batch_size)
+
+    # 1. Reference rows: the base, and each finished fine-tune, on the same examples.
+    if settings.references:
+        for task in settings.tasks:
+            references = [("base", None, settings.base)]
+            for optimizer in settings.optimizers:
+                folder = finetune_folder(settings.runs, task, optimizer)
+                if folder is not None:
+                    references.append(("finetuned", optimizer, folder))
+            for variant, optimizer, folder in references:
+                key = (task, optimizer, variant, None, settings.split, settings.limit)
+                if key in done:
+                    continue
+                started = time.perf_counter()
+                metric, value, examples, higher = scorer.score_folder(folder, task=task, split=settings.split, limit=settings.limit)
+                row = Row(
+                    task=task, optimizer=optimizer, variant=variant, drop_rate=None, split=settings.split,
+                    limit=settings.limit, metric=metric, value=value, examples=examples, higher_is_better=higher,
+                    commands=score_commands(model=str(folder), task=task, split=settings.split, limit=settings.limit, delta=None, base=settings.base),
+                    score_seconds=time.perf_counter() - started,
+                )
+                append_row(settings.results, row)
+                done.add(row.key())
+                logger.info("%s %s %s: %s = %.4f", task, optimizer or "-", variant, metric, value)
+
+    # 2. Compressed cells, in the order given: drop rate first, so a partial run covers every
+    # method at the most informative drop rate.
+    for drop_rate in settings.drop_rates:
+        for task in settings.tasks:
+            for optimizer in settings.optimizers:
+                folder = finetune_folder(settings.runs, task, optimizer)
+                if folder is None:
+                    logger.info("skipping %s-%s: no finished fine-tune under %s", task, optimizer, settings.runs)
+                    continue
+                for name in settings.variants:
+                    key = (task, optimizer, name, drop_rate, settings.split, settings.limit)
+                    if key not in done:
+                        run_cell(settings, scorer, task=task, optimizer=optimizer, folder=folder, variant=VARIANTS[name], drop_rate=drop_rate)
+                        done.add(key)
+
+
+def run_cell(settings: GridSettings, scorer: Scorer, *, task: str, optimizer: str, folder: Path, variant: Variant, drop_rate: float) -> None:
+    """Compress one cell (unless its delta exists), score it and append its row; log a failure as a row."""
+    from deltastore.format import delta_file_name, read_metadata
+
+    store = cell_store(settings.work, optimizer=optimizer, variant=variant.name, drop_rate=drop_rate)
+    delta_path = store / delta_file_name(task)
+    command = compress_command(
+        base=settings.base, finetuned=folder, task=task, store=store, variant=variant, drop_rate=drop_rate, work=settings.work,
+    )
+    commands = [shlex.join(command)]
+    model_out = f"/tmp/{task}-{optimizer}-{variant.name}-p{drop_rate:g}"
+    commands += score_commands(model=model_out, task=task, split=settings.split, limit=settings.limit, delta=delta_path, base=settings.base)
+    row_base = dict(task=task, optimizer=optimizer, variant=variant.name, drop_rate=drop_rate, split=settings.split, limit=settings.limit, commands=commands)
+
+    # 1. Compress, or reuse the delta an earlier run of the same command wrote.
+    compress_seconds = None
+    if not delta_path.is_file():
+        try:
+            compress_seconds = run_compress(command, log_path=settings.work / "logs" / f"{task}.log")
+        except RuntimeError as e:
+            logger.error("%s %s %s p=%g: %s", task, optimizer, variant.name, drop_rate, e)
+            append_row(settings.results, Row(**row_base, metric="failed", value=float("nan"), examples=0, higher_is_better=True, params={"error": str(e)}))
+            return
+    metadata = read_metadata(delta_path)
+
+    # 2. Score base + delta.
+    started = time.perf_counter()
+    metric, value, examples, higher = scorer.score_delta(delta_path, task=task, split=settings.split, limit=settings.limit)
+    params = dict(metadata.params)
+    # Per-layer q values are one per tensor; the delta file keeps them, the row keeps eta.
+    params.pop("q_layers", None)
+    q = metadata.params.get("q")
+    row = Row(
+        **row_base, metric=metric, value=value, examples=examples, higher_is_better=higher,
+        delta_path=str(delta_path), nnz=metadata.nnz, nbytes=metadata.nbytes, q=q,
+        compress_seconds=compress_seconds, score_seconds=time.perf_counter() - started, params=params,
+    )
+    append_row(settings.results, row)
+    logger.info("%s %s %s p=%g: %s = %.4f (nnz %d, %d bytes, q %s)", task, optimizer, variant.name, drop_rate, metric, value, metadata.nnz, metadata.nbytes, q)
+
+
+# ---------------------------------------------------------------------------------------------
+# tables
+
+
+def format_value(record: dict) -> str:
+    if record["metric"] == "failed":
+        return "failed"
+    return f"{record['value']:.3f}"
+
+
+def render_table(records: list[dict], *, task: str, split: str) -> str:
+    """Render one task's rows on one split as a markdown table, last row per key winning."""
+    latest: dict[tuple, dict] = {}
+    for record in records:
+        if record["task"] == task and record["split"] == split:
+            latest[row_key(record)] = record
+    if not latest:
+        return ""
+    order = {name: index for index, name in enumerate((*REFERENCE_MODELS, *VARIANTS))}
+    rows = sorted(
+        latest.values(),
+        key=lambda r: (r["optimizer"] or "", r["drop_rate"] or 0.0, order.get(r["variant"], 99)),
+    )
+    lines = [
+        "| optimizer | method | drop rate | q | score | examples | delta bytes | command |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        q = "" if r.get("q") is None else f"{r['q']:.4g}"
+        size = "" if r.get("nbytes") is None else f"{r['nbytes']:,}"
+        drop = "" if r["drop_rate"] is None else f"{r['drop_rate']:g}"
+        command = "<br>".join(f"`{c}`" for c in r["commands"])
+        lines.append(f"| {r['optimizer'] or '-'} | {r['variant']} | {drop} | {q} | {format_value(r)} | {r['examples']} | {size} | {command} |")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# entry point
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    inputs = commands.add_parser("inputs", help="write calibration and search-validation files per task")
+    inputs.add_argument("--base", type=Path, required=True, help="base model folder whose chat template renders the text")
+    inputs.add_argument("--data-dir", type=Path, default=Path("data"), help="prepared task data (default: data)")
+    inputs.add_argument("--work", type=Path, required=True, help="working folder; inputs go to WORK/inputs")
+    inputs.add_argument("--task", action="append", choices=TASKS, help="repeatable (default: all)")
+
+    run = commands.add_parser("run", help="compress and score a grid, appending rows to the results file")
+    run.add_argument("--base", type=Path, required=True, help="base model folder")
+    run.add_argument("--runs", type=Path, required=True, help="folder of fine-tunes named <task>-<optimizer>")
+    run.add_argument("--data-dir", type=Path, default=Path("data"), help="prepared task data (default: data)")
+    run.add_argument("--work", type=Path, required=True, help="working folder: deltas, logs, inputs")
+    run.add_argument("--results", type=Path, default=None, help="JSONL results file (default: WORK/results.jsonl)")
+    run.add_argument("--task", action="append", choices=TASKS, help="repeatable (default: all)")
+    run.add_argument("--optimizer", action="append", choices=OPTIMIZERS, help="repeatable (default: all)")
+    run.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="repeatable (default: none, only references)")
+    run.add_argument("--drop-rate", action="append", type=float, help="repeatable, run in the order given")
+    run.add_argument("--split", choices=("validation", "test"), default="test")
+    run.add_argument("--limit", type=int, default=None, help="score only the first N examples of the split")
+    run.add_argument("--references", action="store_true", help="also score the base and each fine-tune")
+    run.add_argument("--batch-size", type=int, default=16, help="examples per scoring batch (default: 16)")
+    run.add_argument("--threads", type=int, default=1, help="CPU threads for torch in this process (default: 1)")
+
+    table = commands.add_parser("table", help="print markdown tables of a results file")
+    table.add_argument("--results", type=Path, required=True)
+    table.add_argument("--split", default="test")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if args.command == "inputs":
+        prepare_inputs(base=args.base, data_dir=args.data_dir, work=args.work, tasks=args.task or list(TASKS))
+        return 0
+
+    if args.command == "table":
+        records = read_rows(args.results)
+        for task in TASKS:
+            table = render_table(records, task=task, split=args.split)
+            if table:
+                print(f"### {task}\n\n{table}\n")
+        return 0
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    settings = GridSettings(
+        base=args.base, runs=args.runs, data_dir=args.data_dir, work=args.work,
+        results=args.results or args.work / "results.jsonl", tasks=args.task or list(TASKS),
+        optimizers=args.optimizer or list(OPTIMIZERS), variants=args.variant or [],
+        drop_rates=args.drop_rate or [], split=args.split, limit=args.limit,
+        references=args.references, batch_size=args.batch_size,
+    )
+    run_grid(settings)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
