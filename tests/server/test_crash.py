@@ -2,7 +2,7 @@
 
 Two kinds of crash: a child process that registers through `Store` and dies with `os._exit` at a
 named point (deterministic), and a real `deltamux serve` killed with SIGKILL during an upload.
-After each crash the folder holds no partial delta file, and the next start-up removes and
+After each crash the folder contains no partial delta file, and the next start-up removes and
 reports the leftover temporary files.
 """
 

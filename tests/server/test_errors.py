@@ -247,7 +247,7 @@ def test_edge_seeds_served(live) -> None:
 
 def test_unknown_fields_ignored(live) -> None:
     # Policy: fields this server does not know are ignored, because OpenAI clients send extras
-    # such as `user` and `metadata`; unsupported sampling options are rejected instead (see above).
+    # such as `user` and `metadata`. Unsupported sampling options are rejected instead (see above).
     body = {"model": BASE_ID, "prompt": "I", "max_tokens": 2, "user": "u-1", "metadata": {"k": "v"}, "x_custom": [1]}
     assert httpx.post(f"{live.base_url}/v1/completions", json=body).status_code == 200
     chat = {"model": BASE_ID, "messages": [{"role": "user", "content": "x", "name": "bob"}], "max_tokens": 2, "store": False}

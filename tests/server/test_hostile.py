@@ -346,7 +346,7 @@ def test_fifty_bad_uploads_while_serving(live, delta_files) -> None:
     uploads = _bad_uploads(delta_files, 50)
     before = _store_files(live)
 
-    # Good traffic on every task runs until the last bad upload has been answered.
+    # Good traffic on every task runs until every bad upload has its response.
     stop = threading.Event()
     served: list[tuple[str, str]] = []
 
