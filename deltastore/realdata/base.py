@@ -5,8 +5,8 @@ dequantises to float32 on load. Every delta is computed against those float32 te
 folder stores them unchanged and records their fingerprint.
 
 The folder is built beside the target under a temporary name and renamed into place at the end,
-with a completion marker written last, so an interrupted run leaves no half-finished base and a
-second run finds the finished folder and returns at once.
+with a completion marker written last. An interrupted run therefore leaves no half-finished base,
+and a second run finds the finished folder and returns at once.
 """
 
 from __future__ import annotations

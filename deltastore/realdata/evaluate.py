@@ -1,8 +1,8 @@
 """Scoring any HF model folder on a task split, deterministically.
 
 - `accuracy` (sentiment): greedy decoding; the prediction is the earliest label word in the reply.
-- `exact_match` (arithmetic): greedy decoding; the prediction is the last integer in the reply, so
-  a base model that replies "The result is 7." is not penalised for its phrasing.
+- `exact_match` (arithmetic): greedy decoding, and the prediction is the last integer in the reply.
+  A base model that replies "The result is 7." is therefore not penalised for its phrasing.
 - `nll` (instruct): teacher-forced mean negative log-likelihood per reference-response token
   (natural log, token-weighted over the split; lower is better). No sampling, no judge model.
 """
@@ -50,7 +50,7 @@ class Metric:
 METRICS: dict[str, Metric] = {
     metric.name: metric
     for metric in (
-        Metric(name="accuracy", higher_is_better=True, extract=extract_label, max_new_tokens=6),
+        Metric(name="accuracy", higher_is_better=True, extract=extract_label, max_new_tokens=12),
         Metric(name="exact_match", higher_is_better=True, extract=extract_integer, max_new_tokens=16),
         Metric(name="nll", higher_is_better=False),
     )

@@ -6,8 +6,8 @@ exactly at the base is smaller and never touches the vocabulary matrix shared by
 
 The output folder receives the final model (float32 safetensors, tokenizer, config), `loss.csv`,
 `loss.png` where matplotlib is installed, and `finetune.json` with the settings and a summary.
-While training, `checkpoint/state.pt` holds the trainable weights, optimizer state and step every
-`checkpoint_every` steps; `--resume` continues from it, and it is deleted once the run finishes.
+Every `checkpoint_every` steps, `checkpoint/state.pt` stores the trainable weights, the optimizer
+state and the step. `--resume` continues from it, and it is deleted once the run finishes.
 """
 
 from __future__ import annotations
