@@ -4,9 +4,9 @@ Flags default to None, so a value given neither on the command line nor in the e
 falls back to the Settings default. API keys inline have no flag, because a command line is
 visible to every user of the machine: use --api-keys-file or DELTAMUX_API_KEYS.
 
-On SIGTERM (or Ctrl-C) the server drains: it closes its listening socket, returns 503 to any
-further /v1 request on an open connection, waits up to `shutdown_timeout` seconds for in-flight
-requests, stops the engine (which restores the base weights) and exits with status 0.
+On SIGTERM (or Ctrl-C) the server drains. It closes its listening socket and returns 503 to any
+further /v1 request on an open connection. It waits up to `shutdown_timeout` seconds for
+in-flight requests, then stops the engine, which restores the base weights, and exits with 0.
 """
 
 from __future__ import annotations

@@ -191,3 +191,10 @@ def test_bad_key_config_fails_serve(tiny_base: Path, tmp_path: Path, monkeypatch
     code = main(["serve", "--base", str(tiny_base), "--store", str(tmp_path / "store"), "--device", "cpu"])
     assert code == 2
     assert "short-key" not in caplog.text
+
+
+def test_key_checked_before_body(guarded) -> None:
+    # An anonymous caller learns nothing about the request schema or the models.
+    for body in ({"model": "alpha"}, {"model": "beta", "prompt": "I", "temperature": "hot"}):
+        response = httpx.post(f"{guarded.base_url}/v1/completions", json=body)
+        assert response.status_code == 401, response.text

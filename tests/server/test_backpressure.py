@@ -1,7 +1,7 @@
 """Overload: full queues get 429 with Retry-After, slow requests 504, gone clients are cancelled, big bodies 413.
 
 The engine is held inside a batch with a gate around `generate`, so requests queue behind it
-for as long as a test needs; everything else (uvicorn, handlers, engine, model) is real.
+for as long as a test needs. Everything else (uvicorn, handlers, engine, model) is real.
 """
 
 from __future__ import annotations

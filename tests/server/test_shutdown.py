@@ -25,8 +25,8 @@ RESTORED_LOG = "the resident weights are the base's again"
 
 
 def _free_port() -> int:
-    # NOTE: another process could take the port between this probe and the server's bind; the
-    # serve command binds by number, so a test cannot hand it an open socket as the in-process servers get.
+    # NOTE: another process could take the port between this probe and the server's bind. The serve
+    # command binds by number, so it cannot take an already open socket as the in-process servers do.
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

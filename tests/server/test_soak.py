@@ -46,7 +46,9 @@ def _open_fds() -> int:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def test_register_load_evict_delete_soak(tiny_base: Path, delta_files: dict[str, Path], tmp_path: Path, device: str) -> None:
+def test_register_load_evict_delete_soak(
+    tiny_base: Path, delta_files: dict[str, Path], tmp_path: Path, device: str
+) -> None:
     store = tmp_path / "store"
     store.mkdir()
     shutil.copy(delta_files["alpha"], store / delta_files["alpha"].name)
