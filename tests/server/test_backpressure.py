@@ -6,6 +6,7 @@ for as long as a test needs. Everything else (uvicorn, handlers, engine, model) 
 
 from __future__ import annotations
 
+import json
 import shutil
 import threading
 import time
@@ -231,3 +232,39 @@ def test_draining_returns_503(busy) -> None:
     finally:
         state.draining = False
     assert _complete(busy, BASE_ID).status_code == 200
+
+
+def test_stream_timeout_mid_stream_ends_with_error(busy, monkeypatch) -> None:
+    monkeypatch.setattr(busy.runtime.settings, "request_timeout", 0.5)
+    gate = threading.Event()
+    real_generate = server.engine.generate
+
+    def stall_after_first(forward: Callable[[str], None]) -> Callable[[str], None]:
+        sent: list[str] = []
+
+        def stalled(piece: str) -> None:
+            if sent:
+                gate.wait(WAIT_S)
+            sent.append(piece)
+            forward(piece)
+
+        return stalled
+
+    def stalling_generate(model, tokenizer, sequences, **kwargs):
+        # After its first token each sequence waits for the gate, so the stream starts and then stalls.
+        for sequence in sequences:
+            sequence.on_text = stall_after_first(sequence.on_text)
+        return real_generate(model, tokenizer, sequences, **kwargs)
+
+    monkeypatch.setattr(server.engine, "generate", stalling_generate)
+    try:
+        body = {"model": "alpha", "prompt": "I", "max_tokens": 6, "temperature": 0, "ignore_eos": True, "stream": True}
+        response = httpx.post(f"{busy.base_url}/v1/completions", json=body, timeout=60)
+    finally:
+        gate.set()
+    assert response.status_code == 200
+    lines = [line for line in response.text.splitlines() if line]
+    assert lines[-1] == "data: [DONE]"
+    error = json.loads(lines[-2][len("data: ") :])["error"]
+    assert error["code"] == "timeout"
+    assert "request_timeout" in error["message"]
