@@ -296,6 +296,14 @@ async def _check_reachable(client: httpx.AsyncClient, url: str) -> None:
     if response.status_code >= 500:
         raise LoadTestError(f"the server at {url} is not healthy: GET /health returned {response.status_code}")
 
+    # /v1/models needs the same key as the completion routes, so a wrong key fails here, not on every request.
+    models = await client.get("/v1/models", timeout=10.0)
+    if models.status_code in (401, 403):
+        given = "the --api-key given" if client.headers.get("authorization") else "no --api-key"
+        raise LoadTestError(f"the server at {url} rejected {given}: GET /v1/models returned {models.status_code}")
+    if models.status_code == 503:
+        raise LoadTestError(f"the server at {url} is not ready yet (GET /v1/models returned 503); retry once /ready returns 200")
+
 
 async def _scrape(client: httpx.AsyncClient) -> ServerCounters | None:
     try:

@@ -212,3 +212,43 @@ def test_unreachable_url_exit_2(prompts, tmp_path, capsys) -> None:
     error = capsys.readouterr().err.strip()
     assert error.startswith("deltamux loadtest: error: cannot reach the server")
     assert len(error.splitlines()) == 1
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tiny_base, delta_files, tmp_path_factory) -> LiveServer:
+    store = tmp_path_factory.mktemp("loadtest-keyed-store")
+    shutil.copy(delta_files["alpha"], store / delta_files["alpha"].name)
+    keys = [{"name": "bench", "key": "loadtest-key-0123456789", "tasks": "*", "admin": True}]
+    settings = Settings(
+        base=tiny_base, store=store, device="cpu", base_name=BASE_ID, max_tokens_default=8,
+        api_keys=json.dumps(keys), metrics_require_key=True,
+    )
+    live = start_server(settings)
+    yield live
+    live.stop()
+
+
+def test_api_key_sent_everywhere(keyed_server, prompts, tmp_path) -> None:
+    out = tmp_path / "report"
+
+    code = _loadtest(keyed_server.base_url, out, prompts, "--rate", "6", "--no-plots", "--api-key", "loadtest-key-0123456789",
+                     tasks="alpha")
+
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["summary"]["alpha"]["ok"] == report["summary"]["alpha"]["requests"] > 0
+    # /metrics needs the admin key here, so the server section exists only if the key went with the scrapes.
+    assert report["server"]["requests"]["alpha"]["200"] == report["summary"]["alpha"]["ok"]
+
+
+@pytest.mark.parametrize("key", [None, "wrong-key"])
+def test_rejected_api_key_exit_2(keyed_server, prompts, tmp_path, capsys, key) -> None:
+    extra = ["--rate", "2"] + ([] if key is None else ["--api-key", key])
+
+    code = _loadtest(keyed_server.base_url, tmp_path / "out", prompts, *extra, tasks="alpha")
+
+    assert code == 2
+    error = capsys.readouterr().err.strip()
+    assert "rejected" in error
+    assert "401" in error
+    assert len(error.splitlines()) == 1
