@@ -7,10 +7,15 @@ server and reads the `deltamux_swap_stage_seconds` histogram afterwards:
 - warm: the default cache budgets, so after the first round every delta comes from the device tier;
 - cold: a device cache of 0 bytes, so every swap decodes the delta again. On CUDA the CPU tier
   then provides the verified file. On CPU that tier is off, so the file is read from disk.
+- full (with `--modes exact,full`): the `full` baseline, which copies each task's whole
+  fine-tuned tensors in from CPU memory; its first round builds them and is not timed apart.
+
+Each configuration also reports its wall time, so the requests per second of a swap-bound load
+compare the modes end to end.
 
 Usage:
   python benchmarks/swap_bench.py --tiny
-  python benchmarks/swap_bench.py --base DIR --store DIR --tasks a,b [--device cuda]
+  python benchmarks/swap_bench.py --base DIR --store DIR --tasks a,b [--device cuda] [--modes exact,full]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import logging
 import platform
 import tempfile
+import time
 from pathlib import Path
 
 import openai
@@ -34,8 +40,10 @@ def run_config(settings: Settings, *, models: list[str], requests: int) -> dict:
     server = start_server(settings)
     try:
         client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0, timeout=3600)
+        start = time.perf_counter()
         for i in range(requests):
             client.completions.create(model=models[i % len(models)], prompt="The quick brown fox", max_tokens=1, temperature=0)
+        seconds = time.perf_counter() - start
         runtime = server.app.state.runtime
         registry = runtime.metrics.registry
         stages = {}
@@ -44,7 +52,10 @@ def run_config(settings: Settings, *, models: list[str], requests: int) -> dict:
             total = registry.get_sample_value("deltamux_swap_stage_seconds_sum", {"stage": stage}) or 0.0
             stages[stage] = (int(count), total)
         nnz = {entry.task: entry.metadata.nnz for entry in runtime.store.tasks()}
-        return {"swaps": runtime.engine.swap_count, "stages": stages, "placement": runtime.placement, "nnz": nnz}
+        return {
+            "swaps": runtime.engine.swap_count, "stages": stages, "placement": runtime.placement, "nnz": nnz,
+            "seconds": seconds,
+        }
     finally:
         server.stop()
 
@@ -58,6 +69,7 @@ def main() -> None:
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="model device (default: auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"], help="weight dtype (default: auto)")
     parser.add_argument("--requests", type=int, default=60, help="requests per configuration (default: 60)")
+    parser.add_argument("--modes", default="exact", help="comma-separated swap modes: exact, subtract, full (default: exact)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tasks = [t for t in args.tasks.split(",") if t]
@@ -74,18 +86,21 @@ def main() -> None:
             "warm": Settings(**common),
             "cold": Settings(**common, device_cache_bytes=0),
         }
+        for mode in [m for m in args.modes.split(",") if m and m != "exact"]:
+            configs[mode] = Settings(**common, swap_mode=mode)
         results = {name: run_config(s, models=[*tasks, "base"], requests=args.requests) for name, s in configs.items()}
 
     placement = results["warm"]["placement"]
     hardware = torch.cuda.get_device_name() if placement.device.type == "cuda" else f"{platform.machine()}, {torch.get_num_threads()} threads"
     print(f"base {'tiny test model' if args.tiny else base}, device {placement.device}, dtype {placement.dtype}, {hardware}")
     print(f"{args.requests} requests cycling over {tasks + ['base']}; nnz per task: {results['warm']['nnz']}\n")
-    print("| config | swaps | stage | count | mean ms | total ms |")
-    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    print("| config | swaps | requests/s | stage | count | mean ms | total ms |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: |")
     for name, result in results.items():
+        rate = args.requests / result["seconds"]
         for stage, (count, total) in result["stages"].items():
             mean = total / count * 1e3 if count else 0.0
-            print(f"| {name} | {result['swaps']} | {stage} | {count} | {mean:.2f} | {total * 1e3:.1f} |")
+            print(f"| {name} | {result['swaps']} | {rate:.2f} | {stage} | {count} | {mean:.2f} | {total * 1e3:.1f} |")
 
 
 if __name__ == "__main__":
