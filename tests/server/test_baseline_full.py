@@ -69,7 +69,7 @@ def test_full_restores_base_bits(exact_and_full) -> None:
 
     assert live.runtime.engine.current_task == BASE_ID
     assert weights_hash(live.runtime.engine.params) == before
-    # The exact server, restored by its own path, holds the same base bits.
+    # The exact server, restored by its own path, has the same base bits.
     exact = exact_and_full["exact"]
     openai.OpenAI(base_url=f"{exact.base_url}/v1", api_key="unused", max_retries=0).completions.create(
         model=BASE_ID, prompt="I", max_tokens=2, temperature=0
