@@ -31,7 +31,7 @@ def test_keywords_override_environment(monkeypatch, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"port": 70000}, {"dtype": "int8"}, {"device": "tpu"}, {"max_batch_size": 0}, {"swap_mode": "full"}, {"time_slice": 0}],
+    [{"port": 70000}, {"dtype": "int8"}, {"device": "tpu"}, {"max_batch_size": 0}, {"swap_mode": "lazy"}, {"time_slice": 0}],
 )
 def test_invalid_values_rejected(tmp_path: Path, kwargs: dict) -> None:
     with pytest.raises(ValidationError):
