@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file as load_safetensors_file
 from safetensors.torch import save as save_safetensors_bytes
 
 FORMAT_VERSION = 1
@@ -408,16 +408,13 @@ def read_delta(path: str | Path, *, expected_fingerprint: str | None = None) -> 
                 f"{path.name!r} was made for base {metadata.base_fingerprint!r}, but the base in use is "
                 f"{expected_fingerprint!r}; compress the fine-tune again against this base"
             )
-        handle.seek(0)
-        blob = handle.read()
-    if len(blob) != size:
-        raise DeltaFormatError(f"{path.name!r} changed while it was read; try again")
 
+    # load_file memory-maps the file, so peak memory is the arrays once, not the file plus the arrays.
+    # A file replaced after the header check still has to match the checksum below.
     try:
-        arrays = load_safetensors_bytes(blob)
+        arrays = load_safetensors_file(path)
     except Exception as e:  # safetensors raises its own error type for a bad payload
         raise DeltaFormatError(f"cannot decode the arrays of {path.name!r}: {e}") from e
-    del blob
     expected_keys = {key for name, info in metadata.tensors.items() for key in _array_keys(name, info)}
     if set(arrays) != expected_keys:
         extra = sorted(set(arrays) - expected_keys)[:5]
@@ -454,7 +451,7 @@ def _read_header(path: Path, handle, size: int) -> dict:
     if 8 + length > size:
         raise DeltaFormatError(f"{path.name!r} is truncated: its header needs {length} bytes but the file has {size - 8}")
     try:
-        header = json.loads(handle.read(length))
+        header = json.loads(handle.read(length), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as e:
         raise DeltaFormatError(f"{path.name!r} has a header that is not valid JSON: {e}") from e
     if not isinstance(header, dict):
@@ -471,9 +468,9 @@ def _read_header(path: Path, handle, size: int) -> dict:
             raise DeltaFormatError(f"{path.name!r}: array {key!r} has an invalid header entry") from e
         if dtype_name not in _STORED_DTYPES:
             raise DeltaFormatError(f"{path.name!r}: array {key!r} has dtype {dtype_name!r}, which delta files never use")
-        if not (isinstance(shape, list) and all(isinstance(s, int) and s >= 0 for s in shape)):
+        if not (isinstance(shape, list) and all(_is_count(s) for s in shape)):
             raise DeltaFormatError(f"{path.name!r}: array {key!r} has an invalid shape {shape!r}")
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_size):
+        if not (_is_count(begin) and _is_count(end) and begin <= end <= data_size):
             raise DeltaFormatError(
                 f"{path.name!r}: array {key!r} spans bytes [{begin!r}, {end!r}) past the end of the "
                 f"{data_size}-byte payload; the file is truncated or damaged"
@@ -486,6 +483,19 @@ def _read_header(path: Path, handle, size: int) -> dict:
         if begin < end:
             raise DeltaFormatError(f"{path.name!r}: arrays {key!r} and {other!r} overlap in the payload")
     return header
+
+
+def _is_count(value: object) -> bool:
+    """Return True for a non-negative JSON integer; JSON booleans parse as Python bools and are rejected."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+    keys = [key for key, _ in pairs]
+    if len(set(keys)) != len(keys):
+        repeated = sorted({key for key in keys if keys.count(key) > 1})
+        raise DeltaFormatError(f"the header repeats the keys {repeated[:5]!r}; a valid file names each array once")
+    return dict(pairs)
 
 
 def _parse_metadata(path: Path, header: dict) -> DeltaMetadata:
@@ -501,6 +511,9 @@ def _parse_metadata(path: Path, header: dict) -> DeltaMetadata:
             )
         tensors = {}
         for name, info in record["tensors"].items():
+            counts = [*info["shape"], info["nnz"], info.get("nbytes", 0)]
+            if not all(_is_count(value) for value in counts):
+                raise DeltaFormatError(f"{path.name!r}: tensor {name!r} has a shape, nnz or nbytes that is not a non-negative integer")
             tensor = TensorInfo(
                 kind=str(info["kind"]),
                 shape=tuple(int(s) for s in info["shape"]),

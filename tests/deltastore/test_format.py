@@ -288,3 +288,30 @@ def test_failed_write_leaves_existing_file(tmp_path: Path) -> None:
 
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.delta.safetensors"]
+
+
+def test_duplicate_header_keys_are_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "demo.delta.safetensors"
+    text = b'{"a:dense": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "a:dense": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}'
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"\x00" * 4)
+    with pytest.raises(DeltaFormatError, match="repeats the keys"):
+        read_metadata(path)
+
+
+@pytest.mark.parametrize("shape", [[True], [2.0], ["2"]], ids=["bool", "float", "string"])
+def test_non_integer_header_shape_is_rejected(tmp_path: Path, shape: list) -> None:
+    path = tmp_path / "demo.delta.safetensors"
+    _raw_file(path, {"a:dense": {"dtype": "F32", "shape": shape, "data_offsets": [0, 8]}}, b"\x00" * 8)
+    with pytest.raises(DeltaFormatError, match="invalid shape"):
+        read_metadata(path)
+
+
+def test_non_integer_metadata_nnz_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "demo.delta.safetensors"
+    _write(path, {"w": _sparse((4, 4), 3)})
+    original = path.read_bytes()
+    blob = original.replace(b'\\"nnz\\": 3', b'\\"nnz\\": 3.0')
+    assert len(blob) == len(original) + 2
+    path.write_bytes(struct.pack("<Q", int.from_bytes(blob[:8], "little") + 2) + blob[8:])
+    with pytest.raises(DeltaFormatError, match="not a non-negative integer"):
+        read_metadata(path)
