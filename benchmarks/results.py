@@ -81,6 +81,8 @@ VARIANTS: dict[str, Variant] = {
             name="darex-q-output-change-rows", method="darex-q",
             options=("--q-select", "output-change", "--structure", "rows"), inputs=("calibration",),
         ),
+        Variant(name="dare-int8", method="dare", options=("--value-dtype", "int8")),
+        Variant(name="dare-rows", method="dare", options=("--structure", "rows")),
         Variant(name="magnitude-int8", method="magnitude", options=("--value-dtype", "int8")),
         Variant(name="magnitude-rows", method="magnitude", options=("--structure", "rows")),
     )
@@ -429,35 +431,85 @@ def run_cell(settings: GridSettings, scorer: Scorer, *, task: str, optimizer: st
 
 
 def format_value(record: dict) -> str:
-    if record["metric"] == "failed":
-        return "failed"
+    if record["metric"] in ("failed", "not run"):
+        return record["metric"]
     return f"{record['value']:.3f}"
 
 
-def render_table(records: list[dict], *, task: str, split: str) -> str:
-    """Render one task's rows on one split as a markdown table, last row per key winning."""
+def format_q(record: dict) -> str:
+    """Return the rescale q of a row: stored for darex-q, 1 - p for DARE, '-' without a rescale."""
+    if record["metric"] == "not run":
+        return ""
+    if record.get("q") is not None:
+        return f"{record['q']:.4g}"
+    method = VARIANTS[record["variant"]].method if record["variant"] in VARIANTS else None
+    if method == "dare" and record.get("drop_rate") is not None:
+        return f"{1 - record['drop_rate']:.4g}"
+    if method == "darex-q" and record.get("params", {}).get("eta") is not None:
+        return f"per layer, eta {record['params']['eta']:g}"
+    return "-" if method is not None else ""
+
+
+def latest_rows(records: list[dict], *, task: str, split: str) -> list[dict]:
+    """Return one task's rows on one split, the last row of each cell winning, in table order."""
     latest: dict[tuple, dict] = {}
     for record in records:
         if record["task"] == task and record["split"] == split:
             latest[row_key(record)] = record
-    if not latest:
+    return sorted(latest.values(), key=table_order)
+
+
+def table_order(record: dict) -> tuple:
+    """Sort key: the base, then per optimizer the fine-tune and its cells by drop rate and variant."""
+    variants = {name: index for index, name in enumerate((*REFERENCE_MODELS, *VARIANTS))}
+    optimizers = {name: index for index, name in enumerate(OPTIMIZERS)}
+    optimizer = -1 if record["optimizer"] is None else optimizers.get(record["optimizer"], len(OPTIMIZERS))
+    return (optimizer, record["drop_rate"] or 0.0, variants.get(record["variant"], len(variants)))
+
+
+@dataclass(frozen=True)
+class ExpectedGrid:
+    """The cells a table should show; those without a row are listed as not run."""
+
+    optimizers: list[str]
+    variants: list[str]
+    drop_rates: list[float]
+
+
+def missing_rows(rows: list[dict], *, task: str, split: str, grid: ExpectedGrid) -> list[dict]:
+    present = {(r["optimizer"], r["variant"], r["drop_rate"]) for r in rows}
+    missing = []
+    for optimizer in grid.optimizers:
+        for drop_rate in grid.drop_rates:
+            for variant in grid.variants:
+                if (optimizer, variant, drop_rate) not in present:
+                    missing.append({
+                        "task": task, "optimizer": optimizer, "variant": variant, "drop_rate": drop_rate,
+                        "split": split, "metric": "not run", "examples": "", "commands": [],
+                    })
+    return missing
+
+
+def render_table(records: list[dict], *, task: str, split: str, grid: ExpectedGrid | None = None) -> str:
+    """Render one task's rows as a markdown table, followed by the commands of each numbered row."""
+    rows = latest_rows(records, task=task, split=split)
+    if not rows:
         return ""
-    order = {name: index for index, name in enumerate((*REFERENCE_MODELS, *VARIANTS))}
-    rows = sorted(
-        latest.values(),
-        key=lambda r: (r["optimizer"] or "", r["drop_rate"] or 0.0, order.get(r["variant"], 99)),
-    )
+    if grid is not None:
+        rows = sorted(rows + missing_rows(rows, task=task, split=split, grid=grid), key=table_order)
     lines = [
-        "| optimizer | method | drop rate | q | score | examples | delta bytes | command |",
+        "| # | optimizer | method | drop rate | q | score | examples | delta MB |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for r in rows:
-        q = "" if r.get("q") is None else f"{r['q']:.4g}"
-        size = "" if r.get("nbytes") is None else f"{r['nbytes']:,}"
+    commands = []
+    for number, r in enumerate(rows, start=1):
+        q = format_q(r)
+        size = "" if r.get("nbytes") is None else f"{r['nbytes'] / 1e6:.2f}"
         drop = "" if r["drop_rate"] is None else f"{r['drop_rate']:g}"
-        command = "<br>".join(f"`{c}`" for c in r["commands"])
-        lines.append(f"| {r['optimizer'] or '-'} | {r['variant']} | {drop} | {q} | {format_value(r)} | {r['examples']} | {size} | {command} |")
-    return "\n".join(lines)
+        lines.append(f"| {number} | {r['optimizer'] or '-'} | {r['variant']} | {drop} | {q} | {format_value(r)} | {r['examples']} | {size} |")
+        if r["commands"]:
+            commands.append(f"# {number}\n" + "\n".join(r["commands"]))
+    return "\n".join(lines) + "\n\n```\n" + "\n".join(commands) + "\n```"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -493,6 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     table = commands.add_parser("table", help="print markdown tables of a results file")
     table.add_argument("--results", type=Path, required=True)
     table.add_argument("--split", default="test")
+    table.add_argument("--runs", type=Path, default=None, help="with --expect-*: list missing cells of each finished fine-tune as not run")
+    table.add_argument("--task", action="append", choices=TASKS, help="repeatable (default: all)")
+    table.add_argument("--expect-optimizer", action="append", choices=OPTIMIZERS, default=None)
+    table.add_argument("--expect-variant", action="append", choices=sorted(VARIANTS), default=None)
+    table.add_argument("--expect-drop-rate", action="append", type=float, default=None)
     return parser
 
 
@@ -506,8 +563,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "table":
         records = read_rows(args.results)
-        for task in TASKS:
-            table = render_table(records, task=task, split=args.split)
+        for task in args.task or TASKS:
+            grid = None
+            if args.expect_variant and args.expect_drop_rate:
+                optimizers = [
+                    optimizer for optimizer in args.expect_optimizer or OPTIMIZERS
+                    if args.runs is None or finetune_folder(args.runs, task, optimizer) is not None
+                ]
+                grid = ExpectedGrid(optimizers=optimizers, variants=args.expect_variant, drop_rates=args.expect_drop_rate)
+            table = render_table(records, task=task, split=args.split, grid=grid)
             if table:
                 print(f"### {task}\n\n{table}\n")
         return 0
