@@ -29,5 +29,9 @@ test-fast: venv
 demo: venv
 	DELTAMUX_BIN=$(BIN)/deltamux DELTAMUX_STORE=demo/store DELTAMUX_HOST=$(HOST) DELTAMUX_PORT=$(PORT) docker/entrypoint.sh
 
+## Rebuild demo/store from nothing: fetch the base, fine-tune each task, compress (about an hour on 2 cores).
+deltas: venv
+	DELTAMUX=$(BIN)/deltamux PYTHON=$(BIN)/python benchmarks/rebuild_demo.sh
+
 clean:
 	rm -rf $(VENV) .pytest_cache
