@@ -27,9 +27,12 @@ class CalibrationError(ValueError):
 
 @dataclass(frozen=True)
 class ValidationSample:
-    """One labelled example: the prompt, its expected completion and an optional short answer."""
+    """One labelled example: the prompt, its expected completion and an optional short answer.
 
-    prompt: str
+    `prompt` is plain text, or chat messages that scoring renders with the model's chat template.
+    """
+
+    prompt: str | tuple[dict[str, str], ...]
     completion: str
     answer: str | None = None
 
@@ -74,6 +77,18 @@ def _string_field(record: dict, key: str, *, path: Path, number: int, kind: str,
     return value
 
 
+def _messages_field(messages: list, *, path: Path, number: int) -> tuple[dict[str, str], ...]:
+    valid = bool(messages) and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+    )
+    if not valid:
+        raise CalibrationError(
+            f"validation file {str(path)!r}, line {number}: a list 'prompt' must hold chat messages "
+            f"with string 'role' and 'content', got {messages!r:.200}"
+        )
+    return tuple({"role": m["role"], "content": m["content"]} for m in messages)
+
+
 def read_calibration(path: str | Path) -> list[str]:
     """Read unlabelled calibration samples: one per line, or the `text` field of each JSONL line."""
     path, lines = _read_lines(path, kind="calibration")
@@ -95,8 +110,13 @@ def read_validation(path: str | Path) -> list[ValidationSample]:
         record = _parse_json_object(path, number, line, kind="validation")
         fields = {
             key: _string_field(record, key, path=path, number=number, kind="validation", required=key != "answer")
-            for key in ("prompt", "completion", "answer")
+            for key in ("completion", "answer")
         }
+        prompt = record.get("prompt")
+        if isinstance(prompt, list):
+            fields["prompt"] = _messages_field(prompt, path=path, number=number)
+        else:
+            fields["prompt"] = _string_field(record, "prompt", path=path, number=number, kind="validation", required=True)
         samples.append(ValidationSample(**fields))
     return samples
 

@@ -13,6 +13,7 @@ unlabelled proxy that DAREx-q uses to choose q for decoder models).
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,10 +66,18 @@ def is_correct(sample: ValidationSample, generation: str) -> bool:
 
 
 @torch.no_grad()
-def generate_greedy(model: torch.nn.Module, tokenizer, prompt: str, *, max_new_tokens: int) -> str:
-    """Return the greedy continuation of `prompt` (without the prompt), stopping at end of sequence."""
+def generate_greedy(model: torch.nn.Module, tokenizer, prompt: str | Sequence[dict], *, max_new_tokens: int) -> str:
+    """Return the greedy continuation of `prompt` (without the prompt), stopping at end of sequence.
+
+    A prompt of chat messages is rendered with the tokenizer's chat template, which already
+    holds the special tokens.
+    """
     device = next(model.parameters()).device
-    encoded = tokenizer(prompt, return_tensors="pt")
+    if isinstance(prompt, str):
+        encoded = tokenizer(prompt, return_tensors="pt")
+    else:
+        text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+        encoded = tokenizer(text, return_tensors="pt", add_special_tokens=False)
     input_ids = encoded["input_ids"].to(device)  # (1, prompt tokens)
     output = model.generate(
         input_ids=input_ids,

@@ -145,3 +145,22 @@ def test_input_norm_hooks_removed():
     collect_input_norms(model, [torch.tensor([[1, 2]])])
     assert not model.first._forward_hooks
     assert not model.second._forward_hooks
+
+
+def test_validation_accepts_chat_messages(tmp_path):
+    path = tmp_path / "validation.jsonl"
+    path.write_text(json.dumps({"prompt": [{"role": "user", "content": "2 + 2?"}], "completion": "4", "answer": "4"}) + "\n")
+
+    (sample,) = read_validation(path)
+
+    assert sample.prompt == ({"role": "user", "content": "2 + 2?"},)
+    assert sample.answer == "4"
+
+
+@pytest.mark.parametrize("prompt", [[], [{"role": "user"}], [{"role": 1, "content": "x"}], ["text"]])
+def test_validation_rejects_bad_messages(tmp_path, prompt):
+    path = tmp_path / "validation.jsonl"
+    path.write_text(json.dumps({"prompt": prompt, "completion": "4"}) + "\n")
+
+    with pytest.raises(CalibrationError, match="line 1: a list 'prompt' must hold chat messages"):
+        read_validation(path)

@@ -74,3 +74,16 @@ def test_output_change_is_mean_squared_error(tiny_base):
     top = torch.topk(logits, 5, dim=-1)
     shifted = ReferenceLogits(windows=[window], indices=[top.indices], values=[top.values + 0.5])
     assert output_change(model, shifted) == pytest.approx(0.25)
+
+
+def test_chat_message_prompt_uses_template(tiny_base):
+    model, tokenizer = load_causal_lm(tiny_base)
+    messages = ({"role": "user", "content": "What is two plus two?"},)
+    text = tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    continuation = tokenizer.decode(output[0, ids["input_ids"].shape[1] :], skip_special_tokens=True)
+
+    result = score_model(model, tokenizer, [ValidationSample(prompt=messages, completion=continuation)], max_new_tokens=6)
+
+    assert result.correct == 1
