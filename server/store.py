@@ -58,8 +58,8 @@ class TaskNotFound(LookupError):
 class TaskExists(ValueError):
     """A task of this name is already registered (or the name is the base's)."""
 
-    def __init__(self, task: str, *, reason: str = "is already registered") -> None:
-        super().__init__(f"task {task!r} {reason}; delete it first or choose another name")
+    def __init__(self, task: str, *, reason: str = "is already registered; delete it first or choose another name") -> None:
+        super().__init__(f"task {task!r} {reason}")
         self.task = task
 
 
@@ -155,7 +155,7 @@ class Store:
         """Raise ValueError for an invalid name and TaskExists for a taken one."""
         validate_task_name(task)
         if task in self._reserved:
-            raise TaskExists(task, reason="is the base model's id")
+            raise TaskExists(task, reason="is the base model's id; choose another task name")
         with self._lock:
             taken = task in self._tasks
         if taken or (self.folder / delta_file_name(task)).exists():

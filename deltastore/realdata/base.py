@@ -184,6 +184,12 @@ def convert_gguf(gguf_path: Path, out: Path) -> None:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
 
+    # save_pretrained writes the weights as 0600; a server running as another user must read them.
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in out.iterdir():
+        path.chmod(0o666 & ~umask)
+
 
 def _finish(build: Path, gguf_path: Path) -> BaseRecord:
     import torch

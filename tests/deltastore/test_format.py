@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 from pathlib import Path
 
@@ -315,3 +316,13 @@ def test_non_integer_metadata_nnz_is_rejected(tmp_path: Path) -> None:
     path.write_bytes(struct.pack("<Q", int.from_bytes(blob[:8], "little") + 2) + blob[8:])
     with pytest.raises(DeltaFormatError, match="not a non-negative integer"):
         read_metadata(path)
+
+
+def test_written_file_is_readable_by_others(tmp_path: Path) -> None:
+    path = tmp_path / "demo.delta.safetensors"
+    old = os.umask(0o022)
+    try:
+        _write(path, {"w": _sparse((4, 4), 3)})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
