@@ -9,7 +9,7 @@ where it stopped, and `table` rebuilds the markdown tables from the file alone.
 Scoring runs in this process on one loaded base: `apply` (mode exact, float32) writes base + delta
 into the model, the task metric of `deltastore.realdata.evaluate` runs, and `restore` puts the
 base back. That computes what `deltamux reconstruct` followed by `deltamux score-task` on the
-written folder computes, without writing a 540 MB folder per cell; each row records those two
+written folder computes, without writing a 540 MB folder per cell. Each row records those two
 commands as the equivalent.
 
     python benchmarks/results.py inputs --base /work/base1 --work /work/runs/results
@@ -150,7 +150,7 @@ def prepare_inputs(*, base: Path, data_dir: Path, work: Path, tasks: list[str]) 
     """Write, per task, calibration text from the train split and a rendered validation subset.
 
     Calibration lines are `{"text": prompt + reference reply}` rendered by the base's chat template,
-    so the windows resemble the text the task's model reads. The validation subset holds the first
+    so the windows resemble the text the task's model reads. The validation subset contains the first
     SEARCH_VALIDATION_EXAMPLES validation examples with text prompts, the form the q search reads.
     """
     from transformers import AutoTokenizer
@@ -192,7 +192,7 @@ def deltamux_command() -> str:
         return str(beside)
     found = shutil.which("deltamux")
     if found is None:
-        raise FileNotFoundError("no deltamux executable beside the interpreter or on PATH; install the package with pip -e .")
+        raise FileNotFoundError("deltamux executable not found beside the interpreter or on PATH; install the package with `pip install -e .`")
     return found
 
 
@@ -490,9 +490,16 @@ def missing_rows(rows: list[dict], *, task: str, split: str, grid: ExpectedGrid)
     return missing
 
 
-def render_table(records: list[dict], *, task: str, split: str, grid: ExpectedGrid | None = None) -> str:
-    """Render one task's rows as a markdown table, followed by the commands of each numbered row."""
+def render_table(
+    records: list[dict], *, task: str, split: str, grid: ExpectedGrid | None = None, variants: list[str] | None = None
+) -> str:
+    """Render one task's rows as a markdown table, followed by the commands of each numbered row.
+
+    With `variants`, only the reference rows and those variants' rows are shown.
+    """
     rows = latest_rows(records, task=task, split=split)
+    if variants is not None:
+        rows = [r for r in rows if r["variant"] in REFERENCE_MODELS or r["variant"] in variants]
     if not rows:
         return ""
     if grid is not None:
@@ -550,6 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--expect-optimizer", action="append", choices=OPTIMIZERS, default=None)
     table.add_argument("--expect-variant", action="append", choices=sorted(VARIANTS), default=None)
     table.add_argument("--expect-drop-rate", action="append", type=float, default=None)
+    table.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="show only these variants (repeatable; default: all)")
     return parser
 
 
@@ -571,7 +579,7 @@ def main(argv: list[str] | None = None) -> int:
                     if args.runs is None or finetune_folder(args.runs, task, optimizer) is not None
                 ]
                 grid = ExpectedGrid(optimizers=optimizers, variants=args.expect_variant, drop_rates=args.expect_drop_rate)
-            table = render_table(records, task=task, split=args.split, grid=grid)
+            table = render_table(records, task=task, split=args.split, grid=grid, variants=args.variant)
             if table:
                 print(f"### {task}\n\n{table}\n")
         return 0
