@@ -5,9 +5,10 @@ projection of the base (the real checkpoint with --base, else random tensors of 
 shapes), then measures:
 
 - apply + restore (exact mode) and add + subtract (subtract mode), median of --repeats;
-- the memory-traffic bound: the bytes a perfect kernel must move (delta indices and values read,
-  saved values written and read back, every 64-byte cache line of weights touched read and written
-  in both apply and restore), divided by the copy bandwidth measured in the same run;
+- the memory-traffic bound: the bytes a perfect kernel must move, divided by the copy bandwidth
+  measured in the same run. Those bytes are the delta's indices and values, the saved values
+  (written, then read back), and every touched 64-byte line of weights, read and written in both
+  apply and restore;
 - a full-weight swap: copying every projection weight in, the naive way of switching fine-tunes.
 
 Usage: python benchmarks/apply_bench.py [--base DIR] [--dtype float32|bfloat16|float16]
