@@ -34,7 +34,7 @@ class Checkpoint:
 
     folder: Path
     config: dict
-    files: dict[str, Path]  # tensor name -> the shard that holds it
+    files: dict[str, Path]  # tensor name -> the shard that contains it
     _shapes: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
     _dtypes: dict[str, torch.dtype] = field(default_factory=dict, repr=False)
 
@@ -59,7 +59,7 @@ class Checkpoint:
                     checkpoint._dtypes[name] = _DTYPES[view.get_dtype()]
         missing = sorted(set(files) - set(checkpoint._shapes))
         if missing:
-            raise CheckpointError(f"the index of {str(folder)!r} lists tensors that no shard holds: {missing[:5]!r}")
+            raise CheckpointError(f"the index of {str(folder)!r} lists tensors that no shard contains: {missing[:5]!r}")
         return checkpoint
 
     @property
@@ -166,7 +166,7 @@ def _index_tensors(folder: Path) -> dict[str, Path]:
         pickles = sorted(p.name for p in folder.iterdir() if p.suffix in _PICKLE_SUFFIXES)
         if pickles:
             raise CheckpointError(
-                f"{str(folder)!r} holds only pickle checkpoints ({', '.join(pickles)}), which deltamux does not load "
+                f"{str(folder)!r} contains only pickle checkpoints ({', '.join(pickles)}), which deltamux does not load "
                 "because unpickling can run arbitrary code. Convert them once with transformers: "
                 "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True)"
             )

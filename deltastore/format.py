@@ -609,7 +609,7 @@ def _decode_entry(path: Path, name: str, info: TensorInfo, arrays: Mapping[str, 
     if info.kind == "dense":
         values = arrays[f"{name}:dense"]
         if not bool(torch.isfinite(values).all()):
-            raise DeltaFormatError(f"{where} holds NaN or infinite values")
+            raise DeltaFormatError(f"{where} contains NaN or infinite values")
         return DenseEntry(shape=info.shape, values=values)
     if info.kind in STRUCTURED_AXES:
         return _decode_structured(where, name, info, arrays)
@@ -653,5 +653,5 @@ def _decode_values(where: str, name: str, info: TensorInfo, arrays: Mapping[str,
     # Decode in float32: the scale is a power of two, so the product is exact.
     values = stored.to(torch.float32) * info.scale
     if not bool(torch.isfinite(values).all()):
-        raise DeltaFormatError(f"{where} holds NaN or infinite values")
+        raise DeltaFormatError(f"{where} contains NaN or infinite values")
     return values

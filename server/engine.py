@@ -359,13 +359,14 @@ class Engine:
 
         self.swap_count += 1
         self.metrics.swaps.inc()
+        if fetched is not None:
+            nnz, source = fetched.decoded.nnz, fetched.tier
+            disk_ms, copy_ms = fetched.disk_load_s * 1e3, fetched.copy_s * 1e3
+        else:
+            nnz, source, disk_ms, copy_ms = 0, "full" if full is not None else "-", 0.0, 0.0
         logger.info(
             "swap %s -> %s: nnz %d, from %s, disk %.1f ms, copy %.1f ms, restore %.1f ms, apply %.1f ms",
-            previous, task, 0 if fetched is None else fetched.decoded.nnz,
-            ("full" if full is not None else "-") if fetched is None else fetched.tier,
-            0.0 if fetched is None else fetched.disk_load_s * 1e3,
-            0.0 if fetched is None else fetched.copy_s * 1e3,
-            restore_s * 1e3, apply_s * 1e3,
+            previous, task, nnz, source, disk_ms, copy_ms, restore_s * 1e3, apply_s * 1e3,
         )
         return True
 
