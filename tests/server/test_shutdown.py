@@ -146,8 +146,8 @@ def test_sigterm_finishes_in_flight_and_exits_zero(tiny_base, store, tmp_path) -
         extra=["--max-batch-size", "1", "--shutdown-timeout", "120", "--time-slice", "0.01"],
     )
     try:
-        # 1. Five streams, served one at a time (batch size 1), so most are queued at SIGTERM.
-        streams, threads = _start_streams(served.base_url, count=5, max_tokens=40)
+        # 1. Eight streams, served one at a time (batch size 1), so most are queued at SIGTERM.
+        streams, threads = _start_streams(served.base_url, count=8, max_tokens=100)
         _wait_first_text(streams)
         served.process.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -186,7 +186,9 @@ def test_sigterm_past_timeout_cancels_and_exits_zero(tiny_base, store, tmp_path)
         extra=["--max-batch-size", "1", "--shutdown-timeout", "0", "--time-slice", "0.01"],
     )
     try:
-        streams, threads = _start_streams(served.base_url, count=5, max_tokens=40)
+        # 8 streams of 100 tokens, one at a time: far more work than can finish between the
+        # first token and the signal, however fast the machine.
+        streams, threads = _start_streams(served.base_url, count=8, max_tokens=100)
         _wait_first_text(streams)
         served.process.send_signal(signal.SIGTERM)
         for thread in threads:
