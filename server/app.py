@@ -90,7 +90,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
         model=model, tokenizer=tokenizer, params=params, store=store, residency=residency, metrics=metrics,
         base_name=base_name, swap_mode=settings.swap_mode.value, max_batch_size=settings.max_batch_size,
         time_slice=settings.time_slice, max_batch_wait=settings.max_batch_wait,
-        max_queued_requests=settings.max_queued_requests,
+        max_queued_requests=settings.max_queued_requests, batching=settings.batching.value,
     )
     metrics.tasks.set(len(store.tasks()))
 

@@ -126,6 +126,7 @@ class Engine:
         time_slice: float,
         max_batch_wait: float,
         max_queued_requests: int,
+        batching: str = "per-task",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -139,6 +140,7 @@ class Engine:
         self.time_slice = time_slice
         self.max_batch_wait = max_batch_wait
         self.max_queued_requests = max_queued_requests
+        self.batching = batching
         self.device = next(model.parameters()).device
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
         self.pad_token_id = _pad_token_id(tokenizer, self.eos_token_ids)

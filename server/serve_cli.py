@@ -22,6 +22,7 @@ _CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "dtype": ("auto", "float32", "bfloat16", "float16"),
     "swap_mode": ("exact", "subtract", "full"),
+    "batching": ("per-task", "mixed"),
 }
 # log_level is the top-level --log-level flag of `deltamux`; DELTAMUX_LOG_LEVEL still applies.
 # api_keys is read only from DELTAMUX_API_KEYS, so keys never appear in a process listing.

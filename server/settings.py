@@ -27,6 +27,13 @@ class DtypeChoice(enum.StrEnum):
     FLOAT16 = "float16"
 
 
+class Batching(enum.StrEnum):
+    """Which requests may share one generation batch."""
+
+    PER_TASK = "per-task"  # one task per batch, its delta merged into the resident weights
+    MIXED = "mixed"  # any tasks per batch: merged weights when one task, else per-row sparse delta products
+
+
 class SwapMode(enum.StrEnum):
     """Swap mode: the way a task's delta is written onto the resident weights (see deltastore.apply)."""
 
@@ -67,6 +74,10 @@ class Settings(BaseSettings):
     )
     cpu_cache_bytes: int = Field(4 << 30, ge=0, description="Byte budget for delta files kept in CPU memory.")
     swap_mode: SwapMode = Field(SwapMode.EXACT, description="exact (bit-exact restore), or the baselines subtract and full (whole-tensor copies).")
+    batching: Batching = Field(
+        Batching.PER_TASK,
+        description="per-task (every batch serves one task) or mixed (a batch may mix tasks; see docs/architecture.md).",
+    )
     max_tokens_default: int = Field(
         256, ge=1, description="Completion tokens generated when a request sets no max_tokens."
     )
