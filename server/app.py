@@ -30,10 +30,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from deltastore.apply import model_params
 from deltastore.checkpoint import Checkpoint, fingerprint
-from deltastore.format import DeltaFormatError
+from deltastore.format import MAX_HEADER_BYTES, METADATA_KEY, DeltaFormatError
 from server.auth import Principal, load_keys, require_admin, require_key
 from server.engine import Engine
-from server.errors import APIError, error_response, install_error_handlers
+from server.errors import APIError, error_response, install_error_handlers, plural
 from server.metrics import Metrics
 from server.protocol import DeltaInfo, DeltaList, ModelCard, ModelList
 from server.residency import Residency
@@ -41,6 +41,16 @@ from server.settings import Placement, Settings, resolve_placement
 from server.store import Store, StoredTask, TaskExists, TaskNotFound
 
 logger = logging.getLogger(__name__)
+
+# Error codes of the routes in this file (README.md lists every code the API sends).
+SHUTTING_DOWN = "server_shutting_down"
+NOT_READY = "server_not_ready"
+LOAD_FAILED = "model_load_failed"
+FILE_TOO_LARGE = "file_too_large"
+REQUEST_TOO_LARGE = "request_too_large"
+
+_SNIFF_BYTES = 4096  # bytes read to tell what an upload that is not a delta file contains
+_SHOWN_BYTES = 16  # of those, how many an error message shows
 
 
 @dataclass
@@ -113,11 +123,16 @@ def get_runtime(request: Request) -> Runtime:
     """Return the loaded runtime; raise a 503 APIError while the server loads, has failed or stops."""
     state = request.app.state
     if state.draining:
-        raise APIError(503, "the server is shutting down; retry on another instance", headers=_retry_after(state))
+        raise APIError(
+            503, "the server is shutting down; retry on another instance", code=SHUTTING_DOWN, headers=_retry_after(state)
+        )
     if state.load_error is not None:
-        raise APIError(503, f"the server is not ready: loading the base model failed: {state.load_error}")
+        raise APIError(503, f"the server is not ready: loading the base model failed: {state.load_error}", code=LOAD_FAILED)
     if state.runtime is None or not state.runtime.engine.running:
-        raise APIError(503, "the server is not ready: the base model is loading or the engine has stopped")
+        raise APIError(
+            503, "the server is not ready: the base model is loading or the engine has stopped; retry in a few seconds",
+            code=NOT_READY,
+        )
     return state.runtime
 
 
@@ -186,7 +201,7 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/health")
     async def health(request: Request) -> dict:
         if request.app.state.load_error is not None:
-            raise APIError(503, f"loading the base model failed: {request.app.state.load_error}")
+            raise APIError(503, f"loading the base model failed: {request.app.state.load_error}", code=LOAD_FAILED)
         return {"status": "ok"}
 
     @app.get("/ready")
@@ -234,7 +249,10 @@ def create_app(settings: Settings) -> FastAPI:
         task: str, principal: Principal = Depends(require_admin), runtime: Runtime = Depends(get_runtime)
     ) -> dict:
         if task == runtime.base_name:
-            raise APIError(400, f"{task!r} is the base model and cannot be deleted", param="task")
+            raise APIError(
+                400, f"{task!r} is the base model and cannot be deleted; delete a task instead", param="task",
+                code="base_model_not_deletable",
+            )
         try:
             runtime.store.delete(task)
         except TaskNotFound as e:
@@ -262,7 +280,10 @@ async def _receive_delta(request: Request, *, task: str, runtime: Runtime) -> St
         raise APIError(400, str(e), param="task", code="invalid_task_name") from e
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise APIError(413, f"the delta file is {declared} bytes; the limit is {limit} bytes (max_upload_bytes)")
+        raise APIError(
+            413, f"the delta file is {declared} bytes; the limit is {limit} bytes (max_upload_bytes)",
+            param="body", code=FILE_TOO_LARGE,
+        )
 
     # 2. Stream to a hidden temporary file in the store folder.
     fd, upload = runtime.store.new_upload()
@@ -272,15 +293,20 @@ async def _receive_delta(request: Request, *, task: str, runtime: Runtime) -> St
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise APIError(413, f"the delta file is larger than the {limit}-byte limit (max_upload_bytes)")
+                    raise APIError(
+                        413, f"the delta file is larger than the {limit}-byte limit (max_upload_bytes)",
+                        param="body", code=FILE_TOO_LARGE,
+                    )
                 handle.write(chunk)
             # On disk before the rename publishes it, so a crash never leaves a listed but partial file.
             handle.flush()
             os.fsync(handle.fileno())
         if size == 0:
-            raise APIError(400, "the request body is empty; send the delta file's bytes as the body", param="body")
+            raise APIError(400, _not_a_delta_message("an empty body (0 bytes)"), param="body", code="invalid_delta")
 
         # 3. Verify in full (checksum, base fingerprint, names and shapes), then publish.
+        with upload.open("rb") as handle:
+            head = handle.read(_SNIFF_BYTES)  # kept to describe a file that is no delta at all
         try:
             return await run_in_threadpool(runtime.store.register, task, upload)
         except TaskExists as e:
@@ -288,9 +314,54 @@ async def _receive_delta(request: Request, *, task: str, runtime: Runtime) -> St
         except DeltaFormatError as e:
             # The reader names the file it read, which here is the hidden temporary upload.
             reason = str(e).replace(repr(upload.name), "the uploaded file")
-            raise APIError(422, f"invalid delta file: {reason}", param="body", code="invalid_delta") from e
+            found = _describe_non_delta(head, size=size, reason=str(e))
+            message = f"invalid delta file: {reason}" if found is None else _not_a_delta_message(f"{found} ({reason})")
+            raise APIError(422, message, param="body", code="invalid_delta") from e
     finally:
         upload.unlink(missing_ok=True)
+
+
+def _not_a_delta_message(found: str) -> str:
+    return (
+        f"invalid delta file: the upload is not a deltamux delta file (safetensors): found {found}. Make one "
+        "from a fine-tune with "
+        "`deltamux compress --base BASE --finetuned FINETUNED --task TASK --store DIR --method dare "
+        "--drop-rate 0.9`, then upload DIR/TASK.delta.safetensors"
+    )
+
+
+def _describe_non_delta(head: bytes, *, size: int, reason: str) -> str | None:
+    """Describe an upload that is not a deltamux delta at all; None when it looks like a damaged delta.
+
+    `head` is the file's first bytes and `reason` the reader's error. A safetensors file starts
+    with a little-endian u64 header length and a JSON object. A file without that layout is
+    described by what it starts with: JSON, other text or binary data.
+    """
+    if len(head) >= 9:
+        header_length = int.from_bytes(head[:8], "little")
+        if 2 <= header_length <= min(size - 8, MAX_HEADER_BYTES) and head[8:9] == b"{":
+            # The safetensors layout: a damaged delta, unless the header lacks deltamux metadata.
+            if f"not a deltamux delta (no {METADATA_KEY!r} metadata)" in reason:
+                return "a safetensors file without deltamux metadata, such as a model checkpoint"
+            return None
+    text = _as_text(head)
+    if text is None:
+        return f"{plural(size, 'byte')} of binary data starting with {head[:_SHOWN_BYTES].hex(' ')}"
+    kind = "JSON text" if text.lstrip()[:1] in ("{", "[") else "text"
+    return f"{plural(size, 'byte')} of {kind} starting with {text[:_SHOWN_BYTES]!r}"
+
+
+def _as_text(head: bytes) -> str | None:
+    """Decode the start of a file as UTF-8 text; None for binary data (control bytes or invalid UTF-8)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return None
+        text = head[: e.start].decode("utf-8")
+    if any(ord(char) < 32 and char not in "\t\n\r" for char in text):
+        return None
+    return text
 
 
 def _delta_info(entry: StoredTask) -> DeltaInfo:
@@ -313,6 +384,23 @@ def _retry_after(state) -> dict[str, str]:
     return {"Retry-After": str(state.settings.retry_after)}
 
 
+def _counting_rejections(scope: Scope, send: Send, metrics: Metrics) -> Send:
+    """Wrap `send` so an error status of a /v1 request increments `deltamux_rejected_requests`.
+
+    The task label is the one a completion handler stores in `request.state.task` after it has
+    resolved the model for the caller. Every other rejection is counted as task "unknown".
+    """
+    # Created here so the handler's `request.state` writes into this dict (Starlette keeps it in the scope).
+    request_state = scope.setdefault("state", {})
+
+    async def counting_send(message: Message) -> None:
+        if message["type"] == "http.response.start" and message["status"] >= 400:
+            metrics.count_rejected(status=message["status"], task=request_state.get("task"))
+        await send(message)
+
+    return counting_send
+
+
 class RequestGuard:
     """ASGI middleware: 503 for /v1 while draining, 413 for a JSON body over `max_request_bytes`.
 
@@ -330,10 +418,12 @@ class RequestGuard:
             return
         path, method = scope["path"], scope["method"]
         state = scope["app"].state
+        if path.startswith("/v1/"):
+            send = _counting_rejections(scope, send, state.metrics)
 
         # 1. Draining: reject new API work. /health, /ready and /metrics still respond.
         if state.draining and path.startswith("/v1/"):
-            response = error_response(503, "the server is shutting down; retry on another instance")
+            response = error_response(503, "the server is shutting down; retry on another instance", code=SHUTTING_DOWN)
             response.headers.update(_retry_after(state))
             await response(scope, receive, send)
             return
@@ -373,4 +463,4 @@ class RequestGuard:
     async def _too_large(self, scope: Scope, receive: Receive, send: Send, found: str) -> None:
         message = f"{found}; the limit is {self.max_request_bytes} bytes (max_request_bytes)"
         logger.info("%s %s -> 413: %s", scope["method"], scope["path"], message)
-        await error_response(413, message)(scope, receive, send)
+        await error_response(413, message, code=REQUEST_TOO_LARGE)(scope, receive, send)

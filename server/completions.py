@@ -29,7 +29,7 @@ from jinja2 import TemplateError
 from server.app import Runtime, get_runtime
 from server.auth import Principal, require_key
 from server.engine import DoneEvent, EngineRequest, EngineStopped, ErrorEvent, ErrorKind, Event, QueueFull, TextEvent
-from server.errors import APIError, error_body
+from server.errors import APIError, error_body, plural
 from server.generation import Completion, SamplingParams
 from server.protocol import (
     AssistantMessage,
@@ -52,7 +52,9 @@ logger = logging.getLogger(__name__)
 router = APIRouter()
 
 _STATUS_BY_KIND = {ErrorKind.NOT_FOUND: 404, ErrorKind.UNAVAILABLE: 503, ErrorKind.INTERNAL: 500}
-_CODE_BY_KIND = {ErrorKind.NOT_FOUND: "model_not_found", ErrorKind.UNAVAILABLE: None, ErrorKind.INTERNAL: None}
+_CODE_BY_KIND = {
+    ErrorKind.NOT_FOUND: "model_not_found", ErrorKind.UNAVAILABLE: "server_shutting_down", ErrorKind.INTERNAL: "internal_error",
+}
 DISCONNECT_POLL_S = 0.25  # how often a waiting handler checks whether its client is still connected
 CLIENT_CLOSED = 499  # the status nginx logs for a client that closed the connection; no client receives it
 
@@ -86,15 +88,16 @@ def _token_budget(runtime: Runtime, *, prompt_tokens: int, requested: int | None
     if requested is None:
         if prompt_tokens >= context:
             raise APIError(
-                400, f"the prompt is {prompt_tokens} tokens, but the context window is {context} tokens",
+                400, f"the prompt is {plural(prompt_tokens, 'token')}, but the context window is "
+                f"{plural(context, 'token')}; shorten the prompt",
                 param="prompt", code="context_length_exceeded",
             )
         return min(runtime.settings.max_tokens_default, context - prompt_tokens)
     if prompt_tokens + requested > context:
         raise APIError(
             400,
-            f"the prompt ({prompt_tokens} tokens) plus max_tokens ({requested}) exceeds the context window of "
-            f"{context} tokens; shorten the prompt or lower max_tokens to at most {max(context - prompt_tokens, 0)}",
+            f"the prompt ({plural(prompt_tokens, 'token')}) plus max_tokens ({requested}) exceeds the context window "
+            f"of {plural(context, 'token')}; shorten the prompt or lower max_tokens to at most {max(context - prompt_tokens, 0)}",
             param="max_tokens", code="context_length_exceeded",
         )
     return requested
@@ -103,7 +106,9 @@ def _token_budget(runtime: Runtime, *, prompt_tokens: int, requested: int | None
 def _encode(runtime: Runtime, text: str, *, add_special_tokens: bool) -> list[int]:
     ids = runtime.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
     if not ids:
-        raise APIError(400, "the prompt is empty after tokenization; send at least one token", param="prompt")
+        raise APIError(
+            400, "the prompt is empty after tokenization; send at least one token", param="prompt", code="empty_prompt"
+        )
     return list(ids)
 
 
@@ -117,12 +122,15 @@ def _sampling(body: SamplingFields, *, max_tokens: int, choice: int) -> Sampling
 def _chat_prompt(runtime: Runtime, body: ChatCompletionRequest) -> str:
     """Render the messages with the tokenizer's chat template, ending with the assistant's turn."""
     if not runtime.tokenizer.chat_template:
-        raise APIError(400, f"the model {runtime.base_name!r} has no chat template; use /v1/completions", param="messages")
+        raise APIError(
+            400, f"the model {runtime.base_name!r} has no chat template; use /v1/completions", param="messages",
+            code="chat_template_missing",
+        )
     try:
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         return runtime.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     except (ValueError, TemplateError) as e:
-        raise APIError(400, f"invalid messages: {e}", param="messages") from e
+        raise APIError(400, f"invalid messages: {e}", param="messages", code="invalid_value") from e
 
 
 # -- the handoff between the engine thread and the handler ------------------------------------
@@ -167,14 +175,15 @@ class _Submission:
         queued = runtime.engine.queue_depths().get(task, 0)
         if queued + len(requests) > settings.max_queued_per_task:
             raise APIError(
-                429, f"{queued} requests for model {task!r} are already queued "
-                f"(max_queued_per_task {settings.max_queued_per_task}); retry later",
+                429, f"{plural(queued, 'request')} for model {task!r} already "
+                f"{'is' if queued == 1 else 'are'} queued (max_queued_per_task {settings.max_queued_per_task}); "
+                "retry later",
                 code="queue_full", headers=retry_after,
             )
         try:
             runtime.engine.submit(requests)
         except EngineStopped as e:
-            raise APIError(503, str(e), headers=retry_after) from e
+            raise APIError(503, str(e), code="server_shutting_down", headers=retry_after) from e
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full", headers=retry_after) from e
         timeout = settings.request_timeout
@@ -352,6 +361,7 @@ async def completions(
 ) -> CompletionResponse | StreamingResponse:
     endpoint = "completions"
     task = _counted(runtime, endpoint, lambda: _resolve_task(runtime, body.model, principal))
+    connection.state.task = task  # the label of deltamux_rejected_requests, set once the caller may see it
     try:
         # 1. Tokenize each prompt and size its completion.
         prompts = body.prompts()
@@ -378,7 +388,9 @@ async def completions(
         raise
     except ClientDisconnected:
         runtime.metrics.requests.labels(task=task, endpoint=endpoint, status=str(CLIENT_CLOSED)).inc()
-        raise APIError(CLIENT_CLOSED, "the client closed the connection; its requests were cancelled") from None
+        raise APIError(
+            CLIENT_CLOSED, "the client closed the connection; its requests were cancelled", code="client_closed_request"
+        ) from None
     runtime.metrics.requests.labels(task=task, endpoint=endpoint, status="200").inc()
     choices = [
         CompletionChoice(
@@ -398,6 +410,7 @@ async def chat_completions(
 ) -> ChatCompletionResponse | StreamingResponse:
     endpoint = "chat"
     task = _counted(runtime, endpoint, lambda: _resolve_task(runtime, body.model, principal))
+    connection.state.task = task
     try:
         # 1. Render the chat template once; every choice shares the prompt.
         prompt_ids = _encode(runtime, _chat_prompt(runtime, body), add_special_tokens=False)
@@ -418,7 +431,9 @@ async def chat_completions(
         raise
     except ClientDisconnected:
         runtime.metrics.requests.labels(task=task, endpoint=endpoint, status=str(CLIENT_CLOSED)).inc()
-        raise APIError(CLIENT_CLOSED, "the client closed the connection; its requests were cancelled") from None
+        raise APIError(
+            CLIENT_CLOSED, "the client closed the connection; its requests were cancelled", code="client_closed_request"
+        ) from None
     runtime.metrics.requests.labels(task=task, endpoint=endpoint, status="200").inc()
     choices = [
         ChatChoice(index=i, message=AssistantMessage(content=c.text), finish_reason=c.finish_reason)

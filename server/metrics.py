@@ -17,6 +17,8 @@ STAGE_APPLY = "apply"  # write base + delta into the weights
 STAGE_RESTORE = "restore"  # write the saved base values back
 SWAP_STAGES = (STAGE_DISK_LOAD, STAGE_COPY_TO_DEVICE, STAGE_APPLY, STAGE_RESTORE)
 
+UNKNOWN_TASK = "unknown"  # task label of a request whose model was not resolved or not allowed
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 _STAGE_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -34,6 +36,12 @@ class Metrics:
         self.requests = Counter(
             "deltamux_requests", "Completion requests finished, by task, endpoint and HTTP status.",
             ["task", "endpoint", "status"], registry=r,
+        )
+        self.rejected_requests = Counter(
+            "deltamux_rejected_requests",
+            "/v1 requests answered with an error status (4xx or 5xx before the response started), by status "
+            "and task; task is 'unknown' until the model is resolved and allowed for the caller.",
+            ["status", "task"], registry=r,
         )
         self.request_latency = Histogram(
             "deltamux_request_latency_seconds", "Time from arrival to the last token, by task.",
@@ -84,6 +92,11 @@ class Metrics:
             "deltamux_delta_cache_bytes", "Bytes of deltas held in each cache tier.", ["tier"], registry=r
         )
         self.tasks = Gauge("deltamux_tasks", "Tasks in the delta store.", registry=r)
+
+    def count_rejected(self, *, status: int, task: str | None) -> None:
+        # A name the caller sent but may not use never becomes a label: labels would leak task
+        # names to /metrics readers and grow without bound.
+        self.rejected_requests.labels(status=str(status), task=task or UNKNOWN_TASK).inc()
 
     def observe_stage(self, stage: str, seconds: float) -> None:
         if stage not in SWAP_STAGES:

@@ -6,14 +6,36 @@ reject NaN and Infinity (which Python's JSON parser accepts as bare words) with 
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_SEQUENCES = 4  # the limit OpenAI documents for `stop`
 MAX_CHOICES = 16  # prompts times n in one request; each choice is its own engine request
+
+# Codes of the validators' errors (PydanticCustomError types); server/errors.py sends them as `code`.
+UNSUPPORTED_PARAMETER = "unsupported_parameter"
+INVALID_VALUE = "invalid_value"
+TOO_MANY_CHOICES = "too_many_choices"
+CUSTOM_ERROR_CODES = frozenset({UNSUPPORTED_PARAMETER, INVALID_VALUE, TOO_MANY_CHOICES})
+
+
+MAX_SHOWN_CHARS = 60  # longer values are cut in error messages, with their full length given
+
+
+def shorten_value(value: Any) -> str:
+    """Render a value as the client sent it (JSON, or repr where JSON cannot show it), cut to MAX_SHOWN_CHARS."""
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        text = repr(value)
+    if len(text) <= MAX_SHOWN_CHARS:
+        return text
+    return f"{text[:MAX_SHOWN_CHARS]}... ({len(text)} characters)"
 
 
 class _Strict(BaseModel):
@@ -72,7 +94,11 @@ class SamplingFields(_Strict):
     @classmethod
     def _reject_unsupported(cls, value: Any, info: ValidationInfo) -> Any:
         if not any(value == neutral and type(value) is type(neutral) for neutral in _UNSUPPORTED_NEUTRAL[info.field_name]):
-            raise ValueError(f"{info.field_name} is not supported by this server; leave it out of the request")
+            raise PydanticCustomError(
+                UNSUPPORTED_PARAMETER,
+                "{field} is not supported by this server, got {value}; leave it out of the request or send {neutral}",
+                {"field": info.field_name, "value": shorten_value(value), "neutral": shorten_value(_UNSUPPORTED_NEUTRAL[info.field_name][-1])},
+            )
         return value
 
     @field_validator("stop")
@@ -80,9 +106,15 @@ class SamplingFields(_Strict):
     def _check_stop(cls, value: str | list[str] | None) -> list[str]:
         stops = [value] if isinstance(value, str) else list(value or [])
         if len(stops) > MAX_STOP_SEQUENCES:
-            raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are allowed, got {len(stops)}")
+            raise PydanticCustomError(
+                INVALID_VALUE, "stop has {count} sequences; send at most {limit}",
+                {"count": len(stops), "limit": MAX_STOP_SEQUENCES},
+            )
         if any(stop == "" for stop in stops):
-            raise ValueError("stop sequences must be non-empty strings")
+            raise PydanticCustomError(
+                INVALID_VALUE, "stop contains an empty string, got {value}; every stop sequence needs a character",
+                {"value": shorten_value(value)},
+            )
         return stops
 
     def stop_list(self) -> list[str]:
@@ -98,15 +130,20 @@ class CompletionRequest(SamplingFields):
     @classmethod
     def _check_prompt(cls, value: str | list[str]) -> str | list[str]:
         if isinstance(value, list) and not value:
-            raise ValueError("prompt must be a string or a non-empty list of strings")
+            raise PydanticCustomError(INVALID_VALUE, "prompt is an empty list; send a string or a list of at least one string")
         return value
 
     @model_validator(mode="after")
     def _check_choices(self) -> CompletionRequest:
         choices = len(self.prompts()) * self.n
         if choices > MAX_CHOICES:
-            raise ValueError(
-                f"{len(self.prompts())} prompts times n={self.n} asks for {choices} choices; the limit is {MAX_CHOICES}"
+            prompts = len(self.prompts())
+            raise PydanticCustomError(
+                TOO_MANY_CHOICES,
+                "{prompts} {prompt_word} times n={n} asks for {choices} choices; the limit is {limit}, "
+                "so lower n or send fewer prompts",
+                {"prompts": prompts, "prompt_word": "prompt" if prompts == 1 else "prompts", "n": self.n,
+                 "choices": choices, "limit": MAX_CHOICES},
             )
         return self
 

@@ -15,6 +15,7 @@ import pytest
 from server.auth import KeyConfigError, load_keys, parse_keys
 from server.settings import Settings
 from tests.server.conftest import BASE_ID
+from tests.server.test_rejection_metrics import increase, rejected_counts
 from tests.server.support import LiveServer, start_server
 
 TENANT_A = "sk-tenant-a-0123456789abcdef"
@@ -198,3 +199,14 @@ def test_key_checked_before_body(guarded) -> None:
     for body in ({"model": "alpha"}, {"model": "beta", "prompt": "I", "temperature": "hot"}):
         response = httpx.post(f"{guarded.base_url}/v1/completions", json=body)
         assert response.status_code == 401, response.text
+
+
+def test_rejections_counted_without_hidden_names(guarded) -> None:
+    before = rejected_counts(guarded)
+    body = {"model": "beta", "prompt": "I", "max_tokens": 2}
+    assert httpx.post(f"{guarded.base_url}/v1/completions", json=body).status_code == 401
+    # tenant-a may not use beta: the 404 must not name beta in a label either.
+    assert httpx.post(f"{guarded.base_url}/v1/completions", json=body, headers=_headers(TENANT_A)).status_code == 404
+    after = rejected_counts(guarded)
+    assert increase(before, after) == {("401", "unknown"): 1.0, ("404", "unknown"): 1.0}
+    assert all(task != "beta" for _, task in after)

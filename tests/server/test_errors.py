@@ -8,6 +8,7 @@ import httpx
 import openai
 import pytest
 
+from server.errors import plural
 from tests.server.conftest import BASE_ID
 from tests.server.support import LiveServer
 
@@ -21,6 +22,7 @@ def _assert_openai_error(response: httpx.Response, status: int) -> dict:
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"]
+    assert error["code"], error  # every error carries a stable code
     return error
 
 
@@ -258,3 +260,98 @@ def test_prompt_beyond_context_on_chat_400(live) -> None:
     messages = [{"role": "user", "content": "0 1 2 3 4 5 6 7 8 9 " * live.runtime.context_length}]
     response = httpx.post(f"{live.base_url}/v1/chat/completions", json={"model": "alpha", "messages": messages})
     assert _assert_openai_error(response, 400)["code"] == "context_length_exceeded"
+
+
+# -- messages: plain words, the field, the bad value and a stable code ------------------------------
+
+
+def test_missing_content_type_named(live) -> None:
+    body = json.dumps({"model": BASE_ID, "prompt": "I", "max_tokens": 2}).encode()
+    for headers in ({}, {"content-type": "text/plain"}):
+        response = httpx.post(f"{live.base_url}/v1/completions", content=body, headers=headers)
+        error = _assert_openai_error(response, 400)
+        assert error["code"] == "invalid_content_type"
+        assert "Content-Type: application/json" in error["message"]
+        assert "dictionary" not in error["message"]
+
+
+def test_invalid_json_code(live) -> None:
+    error = _assert_openai_error(_post_raw(live, "/v1/completions", "{not json"), 400)
+    assert error["code"] == "invalid_json"
+    assert "not valid JSON" in error["message"]
+    assert error["param"] is None
+
+
+@pytest.mark.parametrize(("value", "shown"), [(5, "got 5"), ([1, 2], "got [1, 2]"), ({"a": 1}, 'got {"a": 1}')])
+def test_union_field_named_once(live, value, shown: str) -> None:
+    body = {"model": BASE_ID, "prompt": value, "max_tokens": 2}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/completions", json=body), 400)
+    assert error["param"] == "prompt"
+    assert error["code"] == "invalid_type"
+    assert error["message"] == f"prompt must be a string or a list of strings, {shown}"
+
+
+def test_missing_field_code(live) -> None:
+    response = httpx.post(f"{live.base_url}/v1/completions", json={"model": BASE_ID})
+    error = _assert_openai_error(response, 400)
+    assert error["param"] == "prompt"
+    assert error["code"] == "missing_field"
+    assert "Field required" not in error["message"]
+    assert "prompt is missing" in error["message"]
+
+
+def test_several_invalid_fields_listed(live) -> None:
+    body = {"prompt": 5, "temperature": "hot", "n": 0}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/completions", json=body), 400)
+    message = error["message"]
+    assert message.startswith("4 invalid fields: ")
+    assert "(1) model is missing" in message
+    assert '(2) temperature must be a number, got "hot".' in message
+    assert "(3) n must be at least 1, got 0." in message
+    assert "(4) prompt must be a string or a list of strings, got 5." in message
+    assert "more errors" not in message
+    assert error["param"] == "model"
+
+
+def test_long_value_shortened(live) -> None:
+    body = {"model": BASE_ID, "prompt": "I", "max_tokens": "x" * 500}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/completions", json=body), 400)
+    assert "(502 characters)" in error["message"]
+    assert len(error["message"]) < 200
+
+
+def test_nested_field_path(live) -> None:
+    body = {"model": BASE_ID, "messages": [{"role": "user", "content": "x"}, {"role": "wizard", "content": "y"}]}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/chat/completions", json=body), 400)
+    assert error["param"] == "messages[1].role"
+    assert '"wizard"' in error["message"]
+    assert "'user'" in error["message"]
+
+
+def test_unsupported_option_code(live) -> None:
+    body = {"model": BASE_ID, "prompt": "I", "max_tokens": 2, "presence_penalty": 0.5}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/completions", json=body), 400)
+    assert error["code"] == "unsupported_parameter"
+    assert "got 0.5" in error["message"]
+
+
+def test_too_many_choices_names_n(live) -> None:
+    body = {"model": BASE_ID, "prompt": ["a", "b", "c"], "n": 6, "max_tokens": 2}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/completions", json=body), 400)
+    assert error["param"] == "n"
+    assert error["code"] == "too_many_choices"
+
+
+def test_context_message_counts_tokens(live, tokenizer) -> None:
+    prompt_tokens = len(tokenizer("I")["input_ids"])
+    body = {"model": BASE_ID, "prompt": "I", "max_tokens": live.runtime.context_length}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/completions", json=body), 400)
+    expected = "1 token" if prompt_tokens == 1 else f"{prompt_tokens} tokens"
+    assert f"the prompt ({expected})" in error["message"]
+
+
+def test_plural_forms() -> None:
+    assert plural(1, "token") == "1 token"
+    assert plural(0, "token") == "0 tokens"
+    assert plural(2, "token") == "2 tokens"
+    assert plural(2, "entry", "entries") == "2 entries"

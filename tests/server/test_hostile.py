@@ -370,3 +370,45 @@ def test_fifty_bad_uploads_while_serving(live, delta_files) -> None:
         assert text == expected[model], model
     assert _store_files(live) == before
     assert {entry.task for entry in live.runtime.store.tasks()} >= {"alpha", "beta"}
+
+
+# -- files that are no delta at all -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "found"),
+    [
+        (bytes(range(256)) * 8, "2048 bytes of binary data starting with 00 01 02"),
+        (b'{"model": "alpha", "weights": [1, 2, 3]}', "40 bytes of JSON text starting with"),
+        (b"hello, this is a text file\n", "27 bytes of text starting with 'hello, this is a'"),
+        (b"\x01", "1 byte of binary data"),
+    ],
+)
+def test_non_delta_upload_explained(live, data: bytes, found: str) -> None:
+    before = _store_files(live)
+    response = _upload(live, "not-a-delta", data)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_delta"
+    assert "not a deltamux delta file (safetensors)" in error["message"]
+    assert found in error["message"], error["message"]
+    assert "deltamux compress" in error["message"]
+    assert _store_files(live) == before
+
+
+def test_checkpoint_upload_explained(live, tiny_base) -> None:
+    response = _upload(live, "checkpoint", (tiny_base / "model.safetensors").read_bytes())
+    assert response.status_code == 422, response.text
+    message = response.json()["error"]["message"]
+    assert "not a deltamux delta file (safetensors)" in message
+    assert "safetensors file without deltamux metadata" in message
+    assert "deltamux compress" in message
+
+
+def test_empty_upload_explained(live) -> None:
+    response = _upload(live, "empty", b"")
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "invalid_delta"
+    assert "not a deltamux delta file (safetensors): found an empty body (0 bytes)" in error["message"]
+    assert "deltamux compress" in error["message"]
