@@ -12,6 +12,7 @@ import argparse
 import functools
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -62,6 +63,20 @@ def _format_q(value) -> str:
     return "-" if value is None else f"{value:g}"
 
 
+def _drop_rate_text(params: dict) -> str:
+    """Return the requested drop rate, with the effective one when rounding moved it."""
+    requested = _format_q(params.get("drop_rate"))
+    effective = params.get("effective_drop_rate")
+    if effective is None or f"{effective:.4g}" == f"{params.get('drop_rate'):.4g}":
+        return requested
+    return f"{requested} (effective {effective:.6g})"
+
+
+def natural_key(name: str) -> list:
+    """Return a sort key that orders digit runs by value: layers.2 before layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
 # ---------------------------------------------------------------------------------------------
 # compress
 
@@ -96,6 +111,7 @@ def run_compress(args: argparse.Namespace) -> int:
         structure=args.structure,
         eta=args.eta,
         max_loss=args.max_loss,
+        allow_empty=args.allow_empty,
     )
     recommendation = metadata.extra.get("recommendation")
     if recommendation:
@@ -119,7 +135,7 @@ def run_compress(args: argparse.Namespace) -> int:
     ratio_text = "" if ratio is None else f", {ratio:.4f} of the bf16 checkpoint"
     print(
         f"wrote {Path(args.store) / delta_file_name(metadata.task)}: method {metadata.method}, drop rate "
-        f"{metadata.params['drop_rate']:g}, q {_format_q(metadata.params.get('q'))}, nnz {metadata.nnz}, "
+        f"{_drop_rate_text(metadata.params)}, q {_format_q(metadata.params.get('q'))}, nnz {metadata.nnz}, "
         f"{metadata.nbytes} bytes{ratio_text}"
     )
     return EXIT_OK
@@ -242,6 +258,12 @@ def _add_compress(subparsers) -> None:
             "at random for dare and darex-q, by L2 norm for magnitude and wanda (default: single entries)"
         ),
     )
+    parser.add_argument(
+        "--allow-empty",
+        action="store_true",
+        help="write the delta even when it stores no value, because the fine-tune equals the base or every value "
+        "was dropped; without it such a compression fails with exit code 2 (default: off)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device for calibration and q search models (default: cpu)")
     parser.add_argument(
         "--window-tokens", type=int, default=256, help="tokens per calibration window (q search, wanda) (default: 256)"
@@ -265,14 +287,26 @@ def _add_compress(subparsers) -> None:
 def inspect_record(metadata) -> dict:
     """Return the JSON record `inspect --json` prints: the metadata plus bytes and ratio figures."""
     ratio, reference = _bf16_ratio(metadata)
-    return {**metadata.to_json(), "nnz": metadata.nnz, "nbytes": metadata.nbytes, "bf16_nbytes": reference, "ratio_to_bf16": ratio}
+    return {
+        **metadata.to_json(), "nnz": metadata.nnz, "nbytes": metadata.nbytes, "bf16_nbytes": reference,
+        "ratio_to_bf16": ratio, "checksum_verified": True,
+    }
 
 
 @_reports_errors("inspect")
 def run_inspect(args: argparse.Namespace) -> int:
-    from deltastore.format import read_metadata
+    from deltastore.format import DeltaFormatError, read_delta, read_metadata
 
+    # 1. The header: a file that is no delta file is invalid input (exit 2).
     metadata = read_metadata(args.file)
+
+    # 2. The full read verifies the checksum and every array: a damaged payload fails (exit 1).
+    try:
+        read_delta(args.file)
+    except DeltaFormatError as e:
+        print(f"deltamux inspect: FAILED: {e}; the file is damaged, so compress it again or copy it anew", file=sys.stderr)
+        return EXIT_VERIFY_FAILED
+
     if args.json:
         print(json.dumps(inspect_record(metadata), indent=2, sort_keys=True))
         return EXIT_OK
@@ -283,7 +317,7 @@ def run_inspect(args: argparse.Namespace) -> int:
     rows = [
         ("task", metadata.task),
         ("method", metadata.method),
-        ("drop rate", _format_q(params.get("drop_rate"))),
+        ("drop rate", _drop_rate_text(params)),
         ("q", _format_q(params.get("q"))),
         ("seed", str(params.get("seed", "-"))),
         ("nnz", str(metadata.nnz)),
@@ -292,6 +326,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         ("base fingerprint", metadata.base_fingerprint),
         ("format version", str(metadata.format_version)),
         ("created", metadata.created),
+        ("checksum", "OK (payload_sha256 matches the arrays; `deltamux verify --base` also checks the base)"),
     ]
     if params.get("structure"):
         rows.append(("structure", str(params["structure"])))
@@ -311,7 +346,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     name_width = max([len("tensor")] + [len(name) for name in metadata.tensors])
     q_column = f"  {'q':>7}" if layer_q else ""
     print(f"{'tensor':<{name_width}}  {'kind':<7}  {'shape':<14}  {'nnz':>10}  {'kept':>7}  {'values':<8}  {'bytes':>10}{q_column}")
-    for name, info in metadata.tensors.items():
+    for name in sorted(metadata.tensors, key=natural_key):
+        info = metadata.tensors[name]
         kept = info.nnz / info.numel if info.numel else 0.0
         shape = "x".join(str(size) for size in info.shape) or "scalar"
         q_value = ""
@@ -423,8 +459,12 @@ def _add_recommend(subparsers) -> None:
 def _add_inspect(subparsers) -> None:
     parser = subparsers.add_parser(
         "inspect",
-        help="show a delta file's method, drop rate, q, seed, nnz, bytes and tensors",
-        description="Print what a delta file's header records; reads the header only, so the checksum is not verified (use verify).",
+        help="show a delta file's method, drop rate, q, seed, nnz, bytes and tensors, after checking its checksum",
+        description=(
+            "Verify the payload checksum and every array, then print what the header records, tensors in layer order. "
+            "Exit 0 if the file is intact, 1 if its payload is damaged, 2 if it is no delta file. The base "
+            "fingerprint is not checked (use verify --base)."
+        ),
     )
     parser.add_argument("file", type=Path, metavar="FILE", help="a TASK.delta.safetensors file")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table (default: table)")

@@ -75,12 +75,20 @@ TIED_OUTPUT_NAMES: tuple[str, ...] = ("lm_head.weight",)
 # The method name that lets the recommender (recommend.py) choose the method and drop rate.
 AUTO_METHOD = "auto"
 
+# Relative gap between the kept share asked for and the one a method keeps after rounding, above
+# which compression warns: 1 % of the kept entries.
+EFFECTIVE_KEPT_TOLERANCE = 0.01
+
 # Policies for a changed tensor that is not pruned: store it dense, or leave it out of the delta.
 OTHER_TENSOR_POLICIES: tuple[str, ...] = ("exact", "drop")
 
 
 class CompressError(ValueError):
     """The inputs of a compression do not fit together (names, shapes, values or options)."""
+
+
+class EmptyDeltaError(CompressError):
+    """The delta stores no value, so the file would change nothing (pass allow_empty to write it)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +119,8 @@ class CompressOptions:
     structure: str | None = None
     # Per-layer q only: a fixed eta instead of the search over eta.
     eta: float | None = None
+    # Write the file even when the delta stores no value (the fine-tune equals the base).
+    allow_empty: bool = False
 
     def __post_init__(self) -> None:
         validate_task_name(self.task)
@@ -325,6 +335,7 @@ def compress(
     eta: float | None = None,
     lora: str | Path | None = None,
     max_loss: float | None = None,
+    allow_empty: bool = False,
 ) -> DeltaMetadata:
     """Compress `finetuned` (or the LoRA adapter folder `lora`) against `base` and write `<store>/<task>.delta.safetensors`.
 
@@ -332,7 +343,8 @@ def compress(
     q selector, searching with the validation or calibration data if given, within `max_loss` points.
 
     Raises a ValueError subclass (CompressError, CheckpointError, CalibrationError,
-    PruningParameterError) before anything is written when an input is invalid.
+    PruningParameterError) before anything is written when an input is invalid. A delta that
+    stores no value is an EmptyDeltaError unless `allow_empty` is set.
     """
     if (finetuned is None) == (lora is None):
         raise CompressError(f"pass exactly one of a fine-tuned checkpoint ({finetuned!r}) or a LoRA adapter folder ({lora!r})")
@@ -368,6 +380,7 @@ def compress(
         max_new_tokens=max_new_tokens,
         structure=structure,
         eta=eta,
+        allow_empty=allow_empty,
     )
     return run_compression(
         base=Path(base),
@@ -464,6 +477,8 @@ def run_compression(
     else:
         q = options.q
         entries = prune_entries(base_checkpoint, finetuned_checkpoint, plan, options, input_norms)
+    _check_not_empty(entries, options=options, finetuned=finetuned or lora, base=base)
+    effective = _effective_drop_rate(entries, options)
 
     # 5. Write the file atomically, with everything a reader needs to trust and inspect it.
     params = {
@@ -478,6 +493,8 @@ def run_compression(
         "include": None if options.include is None else list(options.include),
         "exclude": list(options.exclude),
     }
+    if effective is not None:
+        params["effective_drop_rate"] = effective
     if selection is not None:
         params["q_search"] = selection.summary()
         if selection.layer_q is not None:
@@ -505,6 +522,60 @@ def run_compression(
     )
     logger.info("wrote %s: %d tensors, nnz %d, %d bytes", path, len(metadata.tensors), metadata.nnz, metadata.nbytes)
     return metadata
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun if count == 1 else noun + 's'}"
+
+
+def _check_not_empty(entries: dict[str, Entry], *, options: CompressOptions, finetuned: Path, base: Path) -> None:
+    """Raise EmptyDeltaError when the delta stores no value, unless the options allow it."""
+    stored = sum(entry.values.numel() for entry in entries.values())
+    if stored > 0:
+        return
+    if not entries:
+        problem = (
+            f"the fine-tune {str(finetuned)!r} equals the base {str(base)!r}: no tensor that the delta keeps "
+            "differs, so there is nothing to store"
+        )
+        fix = "check that --finetuned names the fine-tuned checkpoint, not a copy of the base"
+        if options.other_tensors == "drop" or options.include is not None:
+            problem += f" (other tensors: {options.other_tensors}, pruned patterns: {', '.join(options.pruned_patterns)})"
+            fix += ", or widen --include or use --other-tensors exact"
+    else:
+        problem = (
+            f"every delta value was dropped at drop rate {options.drop_rate:g} ({_plural(len(entries), 'changed tensor')}, "
+            "0 stored values), so the file would change nothing"
+        )
+        fix = "lower --drop-rate"
+    if options.allow_empty:
+        logger.warning("%s; writing the empty delta because allow_empty is set", problem)
+        return
+    raise EmptyDeltaError(f"{problem}; {fix}, or pass --allow-empty to write the empty delta anyway")
+
+
+def _effective_drop_rate(entries: dict[str, Entry], options: CompressOptions) -> float | None:
+    """Return the share of pruned entries the method dropped, and warn when rounding moved it.
+
+    Methods that keep a whole number of entries per tensor or per row (magnitude, WANDA) drop
+    another share than requested once that number is rounded. Random methods return None.
+    """
+    # NOTE: structured pruning (rows, columns) rounds the kept line count too, but is not counted here.
+    if options.structure is not None:
+        return None
+    shapes = [entry.shape for entry in entries.values() if not isinstance(entry, DenseEntry)]
+    effective = methods.effective_drop_rate(options.method, shapes, options.drop_rate)
+    if effective is None:
+        return None
+    requested_kept, effective_kept = 1.0 - options.drop_rate, 1.0 - effective
+    if abs(effective_kept - requested_kept) > EFFECTIVE_KEPT_TOLERANCE * requested_kept:
+        logger.warning(
+            "%s keeps a whole number of entries per %s, so it drops %.6g of the pruned entries, not the "
+            "requested %.6g (it keeps %.3gx as many); the file records both",
+            options.method, "output row" if options.method == "wanda" else "tensor", effective, options.drop_rate,
+            effective_kept / requested_kept if requested_kept else float("inf"),
+        )
+    return effective
 
 
 def _check_lora_targets(checkpoint: LoraCheckpoint) -> None:

@@ -17,6 +17,7 @@ A new method is a new `PruningMethod` in `METHODS`, not a new branch in the call
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +63,9 @@ class PruningMethod:
     parameters: tuple[str, ...]
     needs_input_norms: bool = False
     needs_q: bool = False
+    # Entries the method selects in a tensor of this shape at a drop rate, for methods whose count
+    # is fixed by the shape. None for random methods, whose expected drop rate is the one requested.
+    selected_count: Callable[[tuple[int, ...], float], int] | None = None
 
 
 def validate_drop_rate(drop_rate: float) -> float:
@@ -98,6 +102,37 @@ def keep_count(size: int, drop_rate: float) -> int:
     """Return how many of `size` entries a deterministic method keeps at `drop_rate`."""
     # round(), not int(): 1000 * (1 - 0.9) is 99.99999999999997 in float64.
     return min(size, max(0, round(size * (1.0 - drop_rate))))
+
+
+def magnitude_selected_count(shape: tuple[int, ...], drop_rate: float) -> int:
+    """Return how many entries magnitude pruning selects: one count over the whole tensor."""
+    return keep_count(math.prod(shape), drop_rate)
+
+
+def wanda_selected_count(shape: tuple[int, ...], drop_rate: float) -> int:
+    """Return how many entries WANDA selects: a count rounded per output row, times the rows.
+
+    The rounding happens per row, so a narrow weight at a high drop rate keeps noticeably more
+    than asked: 576 input features at drop rate 0.999 keep round(0.576) = 1 entry per row.
+    """
+    if len(shape) != 2:
+        return keep_count(math.prod(shape), drop_rate)
+    rows, columns = shape
+    return rows * keep_count(columns, drop_rate)
+
+
+def effective_drop_rate(method: str, shapes: list[tuple[int, ...]], drop_rate: float) -> float | None:
+    """Return the share of entries `method` drops over tensors of `shapes`, or None for random methods.
+
+    Entries whose delta is exactly zero count as selected here, because the method chose them
+    before the writer left them out.
+    """
+    counter = get_method(method).selected_count
+    total = sum(math.prod(shape) for shape in shapes)
+    if counter is None or total == 0:
+        return None
+    selected = sum(counter(shape, drop_rate) for shape in shapes)
+    return 1.0 - selected / total
 
 
 def mask_generator(seed: int, name: str) -> torch.Generator:
@@ -236,6 +271,7 @@ METHODS: dict[str, PruningMethod] = {
             source="Deng et al., ICLR 2025, DARE the Extreme, arXiv 2410.09344 (MP baseline)",
             prune=prune_magnitude,
             parameters=("drop_rate", "rescale"),
+            selected_count=magnitude_selected_count,
         ),
         PruningMethod(
             name="wanda",
@@ -244,6 +280,7 @@ METHODS: dict[str, PruningMethod] = {
             prune=prune_wanda,
             parameters=("drop_rate", "rescale", "input_norms"),
             needs_input_norms=True,
+            selected_count=wanda_selected_count,
         ),
     )
 }
