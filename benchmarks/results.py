@@ -15,7 +15,12 @@ commands as the equivalent.
     python benchmarks/results.py inputs --base /work/base1 --work /work/runs/results
     python benchmarks/results.py run --base /work/base1 --runs /work/runs --work /work/runs/results \
         --task sentiment --variant dare --variant magnitude --drop-rate 0.99 --split test --limit 100
+    python benchmarks/results.py recommend --base /work/base1 --runs /work/runs --work /work/runs/results \
+        --task sentiment --optimizer adamw --drop-rates 0.9,0.99,0.999
     python benchmarks/results.py table --results /work/runs/results/results.jsonl
+
+`recommend` runs `deltamux recommend --json` on the same prepared inputs and appends its pick as a
+row of variant `recommend`; `table` then compares that pick with the grid's cells at its drop rate.
 """
 
 from __future__ import annotations
@@ -25,10 +30,12 @@ import json
 import logging
 import shlex
 import shutil
+import os
 import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 logger = logging.getLogger("benchmarks.results")
@@ -90,6 +97,19 @@ VARIANTS: dict[str, Variant] = {
 
 # Rows that score a whole model folder instead of a compressed delta.
 REFERENCE_MODELS = ("base", "finetuned")
+
+# The methods of the main grid, against which a recommendation is compared.
+GRID_VARIANTS = ("dare", "darex-q-output-change", "darex-q-validation", "magnitude", "wanda")
+# Rows of `deltamux recommend`: its pick and its own score, on validation or calibration data.
+RECOMMEND_VARIANT = "recommend"
+# The grid variant that runs each (method, q selector) the recommender can return.
+RECOMMENDED_VARIANTS = {
+    ("dare", None): "dare",
+    ("darex-q", "validation"): "darex-q-validation",
+    ("darex-q", "output-change"): "darex-q-output-change",
+    ("magnitude", None): "magnitude",
+    ("wanda", None): "wanda",
+}
 
 
 @dataclass
@@ -331,6 +351,8 @@ class GridSettings:
     limit: int | None
     references: bool
     batch_size: int
+    # No cell starts at or after this time; a cell already running finishes.
+    start_before: datetime | None = None
 
 
 def finetune_folder(runs: Path, task: str, optimizer: str) -> Path | None:
@@ -380,9 +402,13 @@ def run_grid(settings: GridSettings) -> None:
                     continue
                 for name in settings.variants:
                     key = (task, optimizer, name, drop_rate, settings.split, settings.limit)
-                    if key not in done:
-                        run_cell(settings, scorer, task=task, optimizer=optimizer, folder=folder, variant=VARIANTS[name], drop_rate=drop_rate)
-                        done.add(key)
+                    if key in done:
+                        continue
+                    if settings.start_before is not None and datetime.now(timezone.utc) >= settings.start_before:
+                        logger.info("not starting %s %s %s p=%g: past --start-before %s", task, optimizer, name, drop_rate, settings.start_before.isoformat())
+                        return
+                    run_cell(settings, scorer, task=task, optimizer=optimizer, folder=folder, variant=VARIANTS[name], drop_rate=drop_rate)
+                    done.add(key)
 
 
 def run_cell(settings: GridSettings, scorer: Scorer, *, task: str, optimizer: str, folder: Path, variant: Variant, drop_rate: float) -> None:
@@ -427,6 +453,112 @@ def run_cell(settings: GridSettings, scorer: Scorer, *, task: str, optimizer: st
 
 
 # ---------------------------------------------------------------------------------------------
+# recommend: the recommender's pick, recorded as a row
+
+
+def labelled_task(task: str) -> bool:
+    """Return whether a task is scored on a short answer, so a validation file can score it."""
+    from deltastore.realdata.evaluate import METRICS
+    from deltastore.realdata.tasks import get_task
+
+    return METRICS[get_task(task).metric].extract is not None
+
+
+def recommend_command(*, base: Path, finetuned: Path, task: str, work: Path, drop_rates: str) -> list[str]:
+    """Build the `deltamux recommend` command of one fine-tune with the grid's inputs and budgets.
+
+    Calibration text is always passed because WANDA needs it. The validation subset is passed only
+    for tasks scored on a short answer: given one, the recommender scores exact match, which does
+    not measure a task like instruct. Without it, the recommender scores the top-5 logit MSE on
+    the calibration text.
+    """
+    paths = input_paths(work, task)
+    command = [
+        "deltamux", "recommend", "--base", str(base), "--finetuned", str(finetuned),
+        "--calibration", str(paths["calibration"]),
+        "--window-tokens", str(WINDOW_TOKENS), "--max-windows", str(MAX_WINDOWS),
+        "--drop-rates", drop_rates,
+    ]
+    if labelled_task(task):
+        command += ["--validation", str(paths["search-validation"]), "--max-new-tokens", "16"]
+    return command + ["--json"]
+
+
+def recommendation_row(recommendation: dict, *, task: str, optimizer: str, command: list[str], seconds: float) -> Row:
+    """Turn the JSON of `deltamux recommend` into a row: its pick, size and own score."""
+    chosen = next(
+        (
+            c for c in recommendation["candidates"]
+            if c["method"] == recommendation["method"] and c["drop_rate"] == recommendation["drop_rate"]
+        ),
+        None,
+    )
+    labelled = "--validation" in command
+    stats = recommendation["stats"]
+    params = {
+        "method": recommendation["method"],
+        "q_select": recommendation["q_select"],
+        "expected_quality": recommendation["expected_quality"],
+        "reasons": recommendation["reasons"],
+        "candidates": recommendation["candidates"],
+        "mean_abs": stats["mean_abs"],
+        "large": stats["large"],
+        "recommend_seconds": seconds,
+    }
+    return Row(
+        task=task, optimizer=optimizer, variant=RECOMMEND_VARIANT, drop_rate=recommendation["drop_rate"],
+        # The search data: the validation subset, or the calibration text made from train examples.
+        split="validation" if labelled else "train",
+        limit=SEARCH_VALIDATION_EXAMPLES if labelled else CALIBRATION_EXAMPLES,
+        metric=recommendation["metric"] or "none",
+        value=float("nan") if chosen is None else chosen["score"],
+        examples=SEARCH_VALIDATION_EXAMPLES if labelled else CALIBRATION_EXAMPLES,
+        higher_is_better=labelled,
+        commands=[shlex.join(command)],
+        nbytes=recommendation["expected_nbytes"],
+        q=None if chosen is None else chosen["q"],
+        params=params,
+    )
+
+
+def run_recommendations(
+    *, base: Path, runs: Path, work: Path, results: Path, tasks: list[str], optimizers: list[str], drop_rates: str, threads: int
+) -> None:
+    """Run `deltamux recommend` per finished fine-tune that has no recommend row yet; append a row each."""
+    done = {(r["task"], r["optimizer"]) for r in read_rows(results) if r["variant"] == RECOMMEND_VARIANT}
+    for task in tasks:
+        for optimizer in optimizers:
+            folder = finetune_folder(runs, task, optimizer)
+            if folder is None or (task, optimizer) in done:
+                continue
+            command = recommend_command(base=base, finetuned=folder, task=task, work=work, drop_rates=drop_rates)
+            log_path = work / "logs" / f"{task}.log"
+            log_path.parent.mkdir(parents=True, exist_ok=True)
+            started = time.perf_counter()
+            with log_path.open("a", encoding="utf-8") as log:
+                log.write(f"$ {shlex.join(command)}\n")
+                log.flush()
+                completed = subprocess.run(
+                    [deltamux_command(), *command[1:]], stdout=subprocess.PIPE, stderr=log, text=True, check=False,
+                    env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                )
+                log.write(completed.stdout)
+            seconds = time.perf_counter() - started
+            if completed.returncode != 0:
+                error = f"recommend failed with exit code {completed.returncode}; see {log_path}"
+                logger.error("%s %s: %s", task, optimizer, error)
+                append_row(results, Row(
+                    task=task, optimizer=optimizer, variant=RECOMMEND_VARIANT, drop_rate=None, split="validation",
+                    limit=None, metric="failed", value=float("nan"), examples=0, higher_is_better=True,
+                    commands=[shlex.join(command)], params={"error": error, "recommend_seconds": seconds},
+                ))
+                continue
+            row = recommendation_row(json.loads(completed.stdout), task=task, optimizer=optimizer, command=command, seconds=seconds)
+            append_row(results, row)
+            logger.info("%s %s recommend: %s at p=%g (%s), %.0f s", task, optimizer, row.params["method"], row.drop_rate, row.params["expected_quality"], seconds)
+
+
+# ---------------------------------------------------------------------------------------------
 # tables
 
 
@@ -454,9 +586,66 @@ def latest_rows(records: list[dict], *, task: str, split: str) -> list[dict]:
     """Return one task's rows on one split, the last row of each cell winning, in table order."""
     latest: dict[tuple, dict] = {}
     for record in records:
-        if record["task"] == task and record["split"] == split:
+        if record["task"] == task and record["split"] == split and record["variant"] != RECOMMEND_VARIANT:
             latest[row_key(record)] = record
     return sorted(latest.values(), key=table_order)
+
+
+def best_grid_rows(records: list[dict], *, task: str, optimizer: str, drop_rate: float, split: str) -> list[dict]:
+    """Return the grid rows with the best score of one fine-tune at one drop rate (several on a tie)."""
+    rows = [
+        r for r in latest_rows(records, task=task, split=split)
+        if r["optimizer"] == optimizer and r["drop_rate"] == drop_rate and r["variant"] in GRID_VARIANTS
+        and r["metric"] not in ("failed", "not run")
+    ]
+    if not rows:
+        return []
+    pick = max if rows[0]["higher_is_better"] else min
+    best = pick(r["value"] for r in rows)
+    return [r for r in rows if r["value"] == best]
+
+
+def render_recommendations(records: list[dict], *, split: str, tasks: list[str]) -> str:
+    """Render each recorded recommendation beside the grid's scores at its drop rate on `split`.
+
+    The recommender scores its pick on its own search data: the validation subset, or calibration
+    text. The grid columns are test scores of the same fine-tune, so the two quality columns differ
+    in data and, for calibration text, in metric.
+    """
+    latest: dict[tuple, dict] = {}
+    for record in records:
+        if record["variant"] == RECOMMEND_VARIANT and record["task"] in tasks:
+            latest[(record["task"], record["optimizer"])] = record
+    if not latest:
+        return ""
+    lines = [
+        "| # | task | optimizer | recommended | drop rate | expected MB | expected quality (search data) "
+        "| grid score of the pick | best in grid at that drop rate | fine-tune |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    commands = []
+    ordered = sorted(latest.values(), key=lambda r: (tasks.index(r["task"]), r["optimizer"]))
+    for number, r in enumerate(ordered, start=1):
+        commands.append(f"# {number}\n" + "\n".join(r["commands"]))
+        if r["metric"] == "failed":
+            lines.append(f"| {number} | {r['task']} | {r['optimizer']} | failed | | | {r['params'].get('error', '')} | | | |")
+            continue
+        params = r["params"]
+        method = params["method"] + (f" ({params['q_select']} q)" if params.get("q_select") else "")
+        variant = RECOMMENDED_VARIANTS.get((params["method"], params.get("q_select")))
+        grid = {(g["variant"], g["drop_rate"]): g for g in latest_rows(records, task=r["task"], split=split) if g["optimizer"] == r["optimizer"]}
+        picked = grid.get((variant, r["drop_rate"]))
+        picked_text = "not run" if picked is None else format_value(picked)
+        best = best_grid_rows(records, task=r["task"], optimizer=r["optimizer"], drop_rate=r["drop_rate"], split=split)
+        best_text = "not run" if not best else ", ".join(g["variant"] for g in best) + f": {format_value(best[0])}"
+        finetuned = grid.get(("finetuned", None))
+        finetuned_text = "" if finetuned is None else format_value(finetuned)
+        size = "" if r.get("nbytes") is None else f"{r['nbytes'] / 1e6:.2f}"
+        lines.append(
+            f"| {number} | {r['task']} | {r['optimizer']} | {method} | {r['drop_rate']:g} | {size} "
+            f"| {params['expected_quality']} | {picked_text} | {best_text} | {finetuned_text} |"
+        )
+    return "\n".join(lines) + "\n\n```\n" + "\n".join(commands) + "\n```"
 
 
 def table_order(record: dict) -> tuple:
@@ -491,15 +680,27 @@ def missing_rows(rows: list[dict], *, task: str, split: str, grid: ExpectedGrid)
 
 
 def render_table(
-    records: list[dict], *, task: str, split: str, grid: ExpectedGrid | None = None, variants: list[str] | None = None
+    records: list[dict],
+    *,
+    task: str,
+    split: str,
+    grid: ExpectedGrid | None = None,
+    variants: list[str] | None = None,
+    optimizers: list[str] | None = None,
+    drop_rates: list[float] | None = None,
 ) -> str:
     """Render one task's rows as a markdown table, followed by the commands of each numbered row.
 
-    With `variants`, only the reference rows and those variants' rows are shown.
+    With `variants`, `optimizers` or `drop_rates`, only the base row and the rows that match every
+    given filter are shown; a fine-tune row matches the drop-rate filter.
     """
     rows = latest_rows(records, task=task, split=split)
     if variants is not None:
         rows = [r for r in rows if r["variant"] in REFERENCE_MODELS or r["variant"] in variants]
+    if optimizers is not None:
+        rows = [r for r in rows if r["optimizer"] is None or r["optimizer"] in optimizers]
+    if drop_rates is not None:
+        rows = [r for r in rows if r["drop_rate"] is None or r["drop_rate"] in drop_rates]
     if not rows:
         return ""
     if grid is not None:
@@ -548,6 +749,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--references", action="store_true", help="also score the base and each fine-tune")
     run.add_argument("--batch-size", type=int, default=16, help="examples per scoring batch (default: 16)")
     run.add_argument("--threads", type=int, default=1, help="CPU threads for torch in this process (default: 1)")
+    run.add_argument(
+        "--start-before", type=utc_time, default=None,
+        help="start no cell at or after this time, ISO 8601, UTC unless it names a zone (e.g. 2026-12-05T00:20); a running cell finishes",
+    )
+
+    recommend = commands.add_parser("recommend", help="run `deltamux recommend` per fine-tune, appending its pick as a row")
+    recommend.add_argument("--base", type=Path, required=True, help="base model folder")
+    recommend.add_argument("--runs", type=Path, required=True, help="folder of fine-tunes named <task>-<optimizer>")
+    recommend.add_argument("--work", type=Path, required=True, help="working folder: inputs, logs")
+    recommend.add_argument("--results", type=Path, default=None, help="JSONL results file (default: WORK/results.jsonl)")
+    recommend.add_argument("--task", action="append", choices=TASKS, help="repeatable (default: all)")
+    recommend.add_argument("--optimizer", action="append", choices=OPTIMIZERS, help="repeatable (default: all)")
+    recommend.add_argument("--drop-rates", default="0.9,0.99,0.999", help="comma-separated drop rates to search (default: the grid's, 0.9,0.99,0.999)")
+    recommend.add_argument("--threads", type=int, default=1, help="CPU threads for torch in `deltamux recommend` (default: 1)")
 
     table = commands.add_parser("table", help="print markdown tables of a results file")
     table.add_argument("--results", type=Path, required=True)
@@ -558,7 +773,22 @@ def build_parser() -> argparse.ArgumentParser:
     table.add_argument("--expect-variant", action="append", choices=sorted(VARIANTS), default=None)
     table.add_argument("--expect-drop-rate", action="append", type=float, default=None)
     table.add_argument("--variant", action="append", choices=sorted(VARIANTS), help="show only these variants (repeatable; default: all)")
+    table.add_argument("--optimizer", action="append", choices=OPTIMIZERS, help="show only these fine-tunes' rows (repeatable; default: all)")
+    table.add_argument("--drop-rate", action="append", type=float, help="show only cells at these drop rates (repeatable; default: all)")
+    table.add_argument(
+        "--part", action="append", choices=("tasks", "recommender"),
+        help="print the per-task tables, the recommender table or both (repeatable; default: both)",
+    )
     return parser
+
+
+def utc_time(text: str) -> datetime:
+    """Parse an ISO 8601 time for argparse, as UTC when it names no zone."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"invalid time {text!r}: use ISO 8601, for example 2026-12-05T00:20") from e
+    return moment.replace(tzinfo=timezone.utc) if moment.tzinfo is None else moment
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -571,6 +801,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "table":
         records = read_rows(args.results)
+        parts = args.part or ["tasks", "recommender"]
         for task in args.task or TASKS:
             grid = None
             if args.expect_variant and args.expect_drop_rate:
@@ -579,9 +810,23 @@ def main(argv: list[str] | None = None) -> int:
                     if args.runs is None or finetune_folder(args.runs, task, optimizer) is not None
                 ]
                 grid = ExpectedGrid(optimizers=optimizers, variants=args.expect_variant, drop_rates=args.expect_drop_rate)
-            table = render_table(records, task=task, split=args.split, grid=grid, variants=args.variant)
-            if table:
+            table = render_table(
+                records, task=task, split=args.split, grid=grid, variants=args.variant,
+                optimizers=args.optimizer, drop_rates=args.drop_rate,
+            )
+            if table and "tasks" in parts:
                 print(f"### {task}\n\n{table}\n")
+        recommendations = render_recommendations(records, split=args.split, tasks=args.task or list(TASKS))
+        if recommendations and "recommender" in parts:
+            print(f"### recommender\n\n{recommendations}\n")
+        return 0
+
+    if args.command == "recommend":
+        run_recommendations(
+            base=args.base, runs=args.runs, work=args.work, results=args.results or args.work / "results.jsonl",
+            tasks=args.task or list(TASKS), optimizers=args.optimizer or list(OPTIMIZERS),
+            drop_rates=args.drop_rates, threads=args.threads,
+        )
         return 0
 
     import torch
@@ -592,7 +837,7 @@ def main(argv: list[str] | None = None) -> int:
         results=args.results or args.work / "results.jsonl", tasks=args.task or list(TASKS),
         optimizers=args.optimizer or list(OPTIMIZERS), variants=args.variant or [],
         drop_rates=args.drop_rate or [], split=args.split, limit=args.limit,
-        references=args.references, batch_size=args.batch_size,
+        references=args.references, batch_size=args.batch_size, start_before=args.start_before,
     )
     run_grid(settings)
     return 0
