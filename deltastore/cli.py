@@ -59,6 +59,10 @@ def _bf16_ratio(metadata) -> tuple[float | None, int | None]:
     return metadata.nbytes / reference, reference
 
 
+def _plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
+
+
 def _format_q(value) -> str:
     return "-" if value is None else f"{value:g}"
 
@@ -130,7 +134,7 @@ def run_compress(args: argparse.Namespace) -> int:
     layer_q = metadata.params.get("q_layers")
     if layer_q:
         print(f"per-layer q (eta {metadata.params['eta']:g}): {min(layer_q.values()):.4f} to {max(layer_q.values()):.4f} "
-              f"over {len(layer_q)} tensors; `deltamux inspect` lists them")
+              f"over {_plural(len(layer_q), 'tensor')}; `deltamux inspect` lists them")
     ratio, _ = _bf16_ratio(metadata)
     ratio_text = "" if ratio is None else f", {ratio:.4f} of the bf16 checkpoint"
     print(
@@ -333,11 +337,11 @@ def run_inspect(args: argparse.Namespace) -> int:
     search = params.get("q_search")
     if search:
         score = "-" if search["score"] is None else f"{search['score']:.6g}"
-        rows.append(("q search", f"{search['selector']}: {search['metric']} {score} over {len(search['trace'])} candidates"))
+        rows.append(("q search", f"{search['selector']}: {search['metric']} {score} over {_plural(len(search['trace']), 'candidate')}"))
     layer_q = params.get("q_layers") or {}
     if layer_q:
         rows.append(("eta", _format_q(params.get("eta"))))
-        rows.append(("per-layer q", f"{min(layer_q.values()):.4f} to {max(layer_q.values()):.4f} over {len(layer_q)} tensors"))
+        rows.append(("per-layer q", f"{min(layer_q.values()):.4f} to {max(layer_q.values()):.4f} over {_plural(len(layer_q), 'tensor')}"))
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
@@ -389,7 +393,8 @@ def run_recommend(args: argparse.Namespace) -> int:
         return EXIT_OK
 
     stats = recommendation.stats
-    print(f"delta statistics over {len(stats.layers)} pruned tensors ({stats.pruned_numel} entries): mean |delta| {stats.mean_abs:.4g}")
+    print(f"delta statistics over {_plural(len(stats.layers), 'pruned tensor')} ({_plural(stats.pruned_numel, 'entry', 'entries')}): "
+          f"mean |delta| {stats.mean_abs:.4g}")
     name_width = max([len("tensor")] + [len(layer.name) for layer in stats.layers])
     print(f"  {'tensor':<{name_width}}  {'mean |delta|':>12}  {'std |delta|':>12}")
     for layer in stats.layers:
@@ -488,7 +493,7 @@ def run_verify(args: argparse.Namespace) -> int:
     except DeltaFormatError as e:
         print(f"deltamux verify: FAILED: {e}", file=sys.stderr)
         return EXIT_VERIFY_FAILED
-    print(f"{args.file}: OK (checksum matches, made for base {expected}, {len(delta.entries)} tensors, nnz {delta.metadata.nnz})")
+    print(f"{args.file}: OK (checksum matches, made for base {expected}, {_plural(len(delta.entries), 'tensor')}, nnz {delta.metadata.nnz})")
     return EXIT_OK
 
 

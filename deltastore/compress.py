@@ -292,7 +292,8 @@ def iter_deltas(
         if finetuned_tensor.is_floating_point() and not bool(torch.isfinite(finetuned_tensor).all()):
             bad = int((~torch.isfinite(finetuned_tensor)).sum())
             raise CompressError(
-                f"fine-tuned tensor {name!r} in {str(finetuned_checkpoint.folder)!r} contains {bad} NaN or infinite values; "
+                f"fine-tuned tensor {name!r} in {str(finetuned_checkpoint.folder)!r} contains "
+                f"{_plural(bad, 'NaN or infinite value')}; "
                 "fix or re-export the fine-tune"
             )
         base_tensor = base_checkpoint.get(name)
@@ -441,8 +442,9 @@ def run_compression(
     plan = plan_tensors(base_checkpoint, options)
     base_fingerprint = fingerprint(base)
     logger.info(
-        "compressing %s against %s: %d pruned tensors, %d other tensors (%s), method %s, drop rate %s",
-        finetuned or lora, base, len(plan.pruned), len(plan.other), options.other_tensors, options.method, options.drop_rate,
+        "compressing %s against %s: %s, %s (%s), method %s, drop rate %s",
+        finetuned or lora, base, _plural(len(plan.pruned), "pruned tensor"), _plural(len(plan.other), "other tensor"),
+        options.other_tensors, options.method, options.drop_rate,
     )
 
     # 3. WANDA needs the input feature norms of every linear layer over the calibration text.
@@ -520,7 +522,7 @@ def run_compression(
         value_dtype=options.value_dtype,
         extra=extra,
     )
-    logger.info("wrote %s: %d tensors, nnz %d, %d bytes", path, len(metadata.tensors), metadata.nnz, metadata.nbytes)
+    logger.info("wrote %s: %s, nnz %d, %d bytes", path, _plural(len(metadata.tensors), "tensor"), metadata.nnz, metadata.nbytes)
     return metadata
 
 

@@ -111,7 +111,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     )
     logger.info("device %s, dtype %s (%s), swap mode %s", placement.device, placement.dtype, placement.reason,
                 settings.swap_mode.value)
-    logger.info("store %s: %d tasks, %d bytes", store.folder, len(store.tasks()), store.total_bytes())
+    logger.info("store %s: %s, %d bytes", store.folder, plural(len(store.tasks()), "task"), store.total_bytes())
     return Runtime(
         settings=settings, placement=placement, model=model, tokenizer=tokenizer, base_name=base_name,
         base_fingerprint=base_fingerprint, context_length=context_length, store=store, residency=residency,
@@ -146,7 +146,7 @@ async def _load_in_background(app: FastAPI, settings: Settings, metrics: Metrics
         return
     runtime.engine.start()
     app.state.runtime = runtime
-    logger.info("ready: serving %s and %d tasks", runtime.base_name, len(runtime.store.tasks()))
+    logger.info("ready: serving %s and %s", runtime.base_name, plural(len(runtime.store.tasks()), "task"))
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -281,7 +281,7 @@ async def _receive_delta(request: Request, *, task: str, runtime: Runtime) -> St
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise APIError(
-            413, f"the delta file is {declared} bytes; the limit is {limit} bytes (max_upload_bytes)",
+            413, f"the delta file is {plural(int(declared), 'byte')}; the limit is {plural(limit, 'byte')} (max_upload_bytes)",
             param="body", code=FILE_TOO_LARGE,
         )
 

@@ -1,7 +1,9 @@
 """HTTP errors in OpenAI's JSON shape: {"error": {"message", "type", "param", "code"}}.
 
 Bad input never becomes a 500: request validation errors (including invalid JSON and NaN or
-Infinity in number fields) are 400s, and every handled error is logged.
+Infinity in number fields) are 400s, and every handled error is logged. A validation message
+names each invalid field, its value (shortened when long) and what to send, and every body
+carries a stable `code`.
 """
 
 from __future__ import annotations

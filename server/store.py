@@ -41,6 +41,7 @@ from deltastore.format import (
     read_metadata,
     validate_task_name,
 )
+from server.errors import plural
 
 logger = logging.getLogger(__name__)
 
@@ -115,9 +116,9 @@ class Store:
         with self._lock:
             self._tasks = found
         if leftovers:
-            logger.warning("removed %d unfinished uploads from %s", leftovers, self.folder)
+            logger.warning("removed %s from %s", plural(leftovers, "unfinished upload"), self.folder)
         self.leftovers_removed = leftovers
-        logger.debug("scanned %s: %d usable delta files", self.folder, len(found))
+        logger.debug("scanned %s: %s", self.folder, plural(len(found), "usable delta file"))
 
     def tasks(self) -> list[StoredTask]:
         with self._lock:

@@ -301,7 +301,7 @@ def test_compress_nan_finetune(tiny_base, tiny_finetunes, store, tmp_path, capsy
     tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
     save_file(tensors, finetuned / "model.safetensors", metadata={"format": "pt"})
     assert run(*compress_args(tiny_base, finetuned, store)) == cli.EXIT_INVALID_INPUT
-    assert_one_line_error(capsys, "model.layers.1.mlp.up_proj.weight", "NaN")
+    assert_one_line_error(capsys, "model.layers.1.mlp.up_proj.weight", "contains 1 NaN or infinite value;")
     assert not store.exists()
 
 
