@@ -6,7 +6,9 @@ same Poisson rate, with greedy requests that decode exactly --max-tokens tokens 
 
 - single: every request goes to one task (t0), so the base never switches after the first swap;
 - zipf-exact: N tasks under Zipf(S), swap mode exact (sparse apply and restore);
-- zipf-full: the same load, swap mode full (whole fine-tuned tensors copied in from CPU memory).
+- zipf-full: the same load, swap mode full (whole fine-tuned tensors copied in from CPU memory);
+- zipf-mixed: the same load, batching mixed (a batch may hold several tasks, each row adding its
+  own delta through sparse products on the base weights).
 
 With --closed-loop USERS the script also runs the three configurations with that many users in a
 closed loop, which measures each configuration's capacity rather than its latency at one load.
@@ -110,12 +112,15 @@ def _free_port() -> int:
 
 
 def start_server(
-    *, base: Path, store: Path, swap_mode: str, batch: int, threads: int, log: Path, timeout: float = 300.0
+    *, base: Path, store: Path, swap_mode: str, batch: int, threads: int, log: Path, batching: str = "per-task",
+    timeout: float = 300.0,
 ) -> ServerProcess:
     """Start `deltamux serve` on a free loopback port and wait until /ready returns 200."""
     port = _free_port()
     # The serve flag may not list every swap mode, so the mode goes through the environment.
-    env = {**os.environ, "DELTAMUX_SWAP_MODE": swap_mode, "OMP_NUM_THREADS": str(threads)}
+    env = {
+        **os.environ, "DELTAMUX_SWAP_MODE": swap_mode, "DELTAMUX_BATCHING": batching, "OMP_NUM_THREADS": str(threads),
+    }
     command = [
         sys.executable, "-m", "server.cli", "--log-level", "WARNING", "serve", "--base", str(base), "--store", str(store),
         "--host", "127.0.0.1", "--port", str(port), "--device", "cpu", "--base-name", "base",
@@ -140,11 +145,12 @@ def start_server(
 
 def run_config(
     name: str, *, base: Path, store: Path, swap_mode: str, tasks: list[str], mix: str, rate: float | None,
-    users: int | None, args: argparse.Namespace, out: Path,
+    users: int | None, args: argparse.Namespace, out: Path, batching: str = "per-task",
 ) -> dict:
     """Serve one configuration, warm every task once, run the load and return the report."""
     server = start_server(
-        base=base, store=store, swap_mode=swap_mode, batch=args.batch, threads=args.threads, log=out / f"{name}.server.log"
+        base=base, store=store, swap_mode=swap_mode, batch=args.batch, threads=args.threads,
+        log=out / f"{name}.server.log", batching=batching,
     )
     try:
         # Warm-up: load every delta (and, in full mode, build its full weights) outside the timed run.
@@ -176,7 +182,7 @@ def main() -> None:
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of arrivals per configuration (default: 60)")
     parser.add_argument("--max-tokens", type=int, default=32, help="completion tokens per request (default: 32)")
     parser.add_argument("--batch", type=int, default=8, help="server max_batch_size (default: 8)")
-    parser.add_argument("--only", default="single,zipf-exact,zipf-full", help="comma-separated configurations to run")
+    parser.add_argument("--only", default="single,zipf-exact,zipf-full,zipf-mixed", help="comma-separated configurations to run")
     parser.add_argument("--seed", type=int, default=0, help="seed of arrivals and task draws (default: 0)")
     parser.add_argument(
         "--threads", type=int, default=1,
@@ -194,6 +200,7 @@ def main() -> None:
         "single": dict(swap_mode="exact", tasks=tasks[:1], mix="uniform"),
         "zipf-exact": dict(swap_mode="exact", tasks=tasks, mix=f"zipf:{args.zipf}"),
         "zipf-full": dict(swap_mode="full", tasks=tasks, mix=f"zipf:{args.zipf}"),
+        "zipf-mixed": dict(swap_mode="exact", tasks=tasks, mix=f"zipf:{args.zipf}", batching="mixed"),
     }
     selected = [name for name in args.only.split(",") if name]
     loads = [("open", args.rate, None)] + ([("closed", None, args.closed_loop)] if args.closed_loop else [])
@@ -211,6 +218,8 @@ def main() -> None:
     (args.out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     print_table(results, args)
 
+CONFIG_ORDER = ("single", "zipf-exact", "zipf-full", "zipf-mixed")
+
 
 def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
     hardware = f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads"
@@ -218,7 +227,7 @@ def print_table(results: dict[str, dict], args: argparse.Namespace) -> None:
           f"max_tokens {args.max_tokens}, batch {args.batch}, duration {args.duration:g} s, server threads {args.threads}\n")
     for load in ("open", "closed"):
         single = results.get(f"{load}-single")
-        rows = [(name, results[f"{load}-{name}"]) for name in ("single", "zipf-exact", "zipf-full") if f"{load}-{name}" in results]
+        rows = [(name, results[f"{load}-{name}"]) for name in CONFIG_ORDER if f"{load}-{name}" in results]
         if not rows:
             continue
         label = f"Poisson {args.rate:g} req/s" if load == "open" else f"{args.closed_loop} closed-loop users"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
+from collections import OrderedDict
 import threading
 import time
 from collections import deque
@@ -37,6 +38,7 @@ from deltastore.apply import AppliedDelta, apply, restore
 from deltastore.format import DeltaFormatError
 from server.generation import FINISH_CANCELLED, Completion, SamplingParams, SequenceInput, generate
 from server.metrics import STAGE_APPLY, STAGE_RESTORE, Metrics
+from server.mixing import MixedBatch, NotMixable, RowDelta, prepare
 from server.residency import FullWeights, Residency, synchronize
 from server.store import Store, TaskNotFound
 
@@ -75,6 +77,8 @@ Event = TextEvent | DoneEvent | ErrorEvent
 _request_ids = itertools.count(1)
 
 SWAP_MODE_FULL = "full"  # the baseline that copies whole tensors; the other modes go through deltastore.apply
+BATCHING_PER_TASK = "per-task"
+BATCHING_MIXED = "mixed"
 
 
 @dataclass(eq=False)
@@ -90,6 +94,14 @@ class EngineRequest:
     cancelled: bool = False
     request_id: int = field(default_factory=lambda: next(_request_ids))
     first_token_at: float | None = None
+
+
+class _TaskUnavailable(Exception):
+    """A task's delta cannot be had (deleted, or its file vanished); its requests fail with `kind`."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 class EngineStopped(RuntimeError):
@@ -140,6 +152,10 @@ class Engine:
         self.time_slice = time_slice
         self.max_batch_wait = max_batch_wait
         self.max_queued_requests = max_queued_requests
+        if batching not in (BATCHING_PER_TASK, BATCHING_MIXED):
+            raise ValueError(f"invalid batching {batching!r}; choose {BATCHING_PER_TASK!r} or {BATCHING_MIXED!r}")
+        if batching == BATCHING_MIXED and swap_mode == SWAP_MODE_FULL:
+            raise ValueError("mixed batching needs decoded deltas; use swap mode 'exact' or 'subtract' with it, not 'full'")
         self.batching = batching
         self.device = next(model.parameters()).device
         self.eos_token_ids = _eos_token_ids(model, tokenizer)
@@ -151,6 +167,10 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._applied: _Applied | None = None  # None: the weights are the base
         self.swap_count = 0
+        self.mixed_batch_count = 0
+        # Deltas prepared for mixed batches, by (task, version); a batch needs at most max_batch_size.
+        self._row_deltas: OrderedDict[tuple[str, int], RowDelta] = OrderedDict()
+        self._not_mixable: dict[tuple[str, int], str] = {}  # (task, version) -> reason, logged once
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -193,8 +213,9 @@ class Engine:
                 raise EngineStopped("the engine has stopped; the server is shutting down")
             queued = sum(len(queue) for queue in self._queues.values())
             if queued + len(requests) > self.max_queued_requests:
+                waiting = "1 request is" if queued == 1 else f"{queued} requests are"
                 raise QueueFull(
-                    f"{queued} requests are already queued (max_queued_requests {self.max_queued_requests}); retry later"
+                    f"{waiting} already queued (max_queued_requests {self.max_queued_requests}); retry later"
                 )
             for request in requests:
                 self._queues.setdefault(request.task, deque()).append(request)
@@ -220,7 +241,10 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------
 
     def _run(self) -> None:
-        logger.info("engine loop started on %s (batch %d, time slice %.3f s)", self.device, self.max_batch_size, self.time_slice)
+        logger.info(
+            "engine loop started on %s (batch %d, time slice %.3f s, %s batching)",
+            self.device, self.max_batch_size, self.time_slice, self.batching,
+        )
         while True:
             # 1. Wait for work, then pick the task whose oldest request has waited longest.
             with self._cond:
@@ -229,8 +253,22 @@ class Engine:
                 if self._stopping:
                     break
                 task = min((q[0].arrival, name) for name, q in self._queues.items() if q)[1]
+                fills_batch = len(self._queues[task]) >= self.max_batch_size
 
-            # 2. Put that task's weights in place; on failure its queued requests fail.
+            # 2. Mixed batching: unless that task fills a batch alone, take the oldest requests of any tasks.
+            if self.batching == BATCHING_MIXED and not fills_batch:
+                batch, tasks = self._take_mixed_batch()
+                if len(tasks) > 1:
+                    self._run_mixed_batch(batch, tasks)
+                    continue
+                if batch:
+                    # Only one task was waiting: serve it on merged weights, as a per-task batch.
+                    task = batch[0].task
+                    if self._switch_to(task):
+                        self._run_batch(batch)
+                    continue
+
+            # 3. Put that task's weights in place; on failure its queued requests fail.
             try:
                 switched = self._switch_to(task)
             except Exception as e:  # an unexpected swap failure must not kill the loop that serves every task
@@ -240,13 +278,13 @@ class Engine:
             if not switched:
                 continue
 
-            # 3. Serve the task's queue in batches until it is empty or its time slice is over.
+            # 4. Serve the task's queue in batches until it is empty or its time slice is over.
             slice_start = time.monotonic()
             while True:
                 batch = self._take_batch(task)
                 if not batch:
                     break
-                self._run_batch(task, batch)
+                self._run_batch(batch)
                 if time.monotonic() - slice_start >= self.time_slice and self._others_waiting(task):
                     break
         logger.info("engine loop stopped")
@@ -272,10 +310,11 @@ class Engine:
         with self._cond:
             return any(queue for name, queue in self._queues.items() if name != task)
 
-    def _run_batch(self, task: str, batch: list[EngineRequest]) -> None:
+    def _run_batch(self, batch: list[EngineRequest], *, mixing: MixedBatch | None = None) -> None:
+        """Generate one batch on the current weights; with `mixing`, its hooks add each row's delta."""
         started = time.monotonic()
         for request in batch:
-            self.metrics.queue_wait.labels(task=task).observe(started - request.arrival)
+            self.metrics.queue_wait.labels(task=request.task).observe(started - request.arrival)
         self.metrics.batch_size.observe(len(batch))
         sequences = [
             SequenceInput(
@@ -288,10 +327,12 @@ class Engine:
         ]
         try:
             completions = generate(
-                self.model, self.tokenizer, sequences, eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id
+                self.model, self.tokenizer, sequences, eos_token_ids=self.eos_token_ids, pad_token_id=self.pad_token_id,
+                on_rows=None if mixing is None else mixing.set_active,
             )
         except Exception as e:  # one failed batch must not stop the loop that serves every task
-            logger.exception("generation failed for a batch of %d requests of task %s", len(batch), task)
+            tasks = sorted({request.task for request in batch})
+            logger.exception("generation failed for a batch of %d requests of tasks %s", len(batch), tasks)
             for request in batch:
                 _fail(request, ErrorKind.INTERNAL, f"generation failed: {e}")
             return
@@ -300,10 +341,129 @@ class Engine:
         for request, completion in zip(batch, completions, strict=True):
             if completion.finish_reason == FINISH_CANCELLED:
                 continue
-            self.metrics.tokens_generated.labels(task=task).inc(completion.completion_tokens)
-            self.metrics.prompt_tokens.labels(task=task).inc(completion.prompt_tokens)
-            self.metrics.request_latency.labels(task=task).observe(finished - request.arrival)
+            self.metrics.tokens_generated.labels(task=request.task).inc(completion.completion_tokens)
+            self.metrics.prompt_tokens.labels(task=request.task).inc(completion.prompt_tokens)
+            self.metrics.request_latency.labels(task=request.task).observe(finished - request.arrival)
             request.emit(DoneEvent(index=request.index, completion=completion))
+
+    # -- mixed batches ---------------------------------------------------------------------
+
+    def _take_mixed_batch(self) -> tuple[list[EngineRequest], set[str]]:
+        """Take the oldest queued requests of tasks that can be mixed, up to `max_batch_size`.
+
+        Returns the batch and its tasks. When the oldest request's task cannot be mixed, the
+        batch holds that task's requests only.
+        """
+        with self._cond:
+            if self.max_batch_wait > 0 and sum(len(q) for q in self._queues.values()) < self.max_batch_size:
+                self._cond.wait(self.max_batch_wait)  # let requests that arrive together share the batch
+            if self._stopping:
+                return [], set()
+            waiting = sorted(
+                ((request.arrival, request.request_id, name) for name, queue in self._queues.items() for request in queue)
+            )
+            if not waiting:
+                return [], set()
+            oldest_task = waiting[0][2]
+            if not self._mixable(oldest_task):
+                allowed = {oldest_task}
+            else:
+                allowed = {name for name in self._queues if self._mixable(name)}
+            chosen = [name for _, _, name in waiting if name in allowed][: self.max_batch_size]
+            counts: dict[str, int] = {}
+            for name in chosen:
+                counts[name] = counts.get(name, 0) + 1
+            batch: list[EngineRequest] = []
+            for name, count in counts.items():
+                queue = self._queues[name]
+                for _ in range(count):
+                    request = queue.popleft()
+                    if not request.cancelled:
+                        batch.append(request)
+                self.metrics.queue_depth.labels(task=name).set(len(queue))
+        batch.sort(key=lambda request: request.arrival)
+        return batch, {request.task for request in batch}
+
+    def _mixable(self, task: str) -> bool:
+        """False only for a task already found not mixable; unknown tasks are tried."""
+        if task == self.base_name:
+            return True
+        return not any(name == task for name, _ in self._not_mixable)
+
+    def _run_mixed_batch(self, batch: list[EngineRequest], tasks: set[str]) -> None:
+        """Run rows of several tasks together on the base weights, each row with its own delta."""
+        # 1. Prepare every task's row delta. A task that cannot be mixed goes back to its queue;
+        #    one whose delta is gone fails its requests.
+        row_deltas: dict[str, RowDelta | None] = {self.base_name: None}
+        for task in sorted(tasks - {self.base_name}):
+            requests = [request for request in batch if request.task == task]
+            try:
+                prepared = self._row_delta(task)
+            except _TaskUnavailable as e:
+                for request in requests:
+                    _fail(request, e.kind, str(e))
+                continue
+            if prepared is None:
+                self._requeue(requests)
+                continue
+            row_deltas[task] = prepared
+        batch = [request for request in batch if request.task in row_deltas]
+        remaining = {request.task for request in batch}
+        if not batch:
+            return
+        if len(remaining) == 1:
+            # Only one task is left: merged weights serve it exactly.
+            if self._switch_to(batch[0].task):
+                self._run_batch(batch)
+            return
+
+        # 2. The base weights in place, then one generation with per-row hooks.
+        self._switch_to(self.base_name)
+        self.mixed_batch_count += 1
+        logger.debug("mixed batch of %d requests over tasks %s", len(batch), sorted(remaining))
+        with MixedBatch(self.model, [row_deltas[request.task] for request in batch]) as mixing:
+            self._run_batch(batch, mixing=mixing)
+
+    def _row_delta(self, task: str) -> RowDelta | None:
+        """Return `task`'s delta prepared for mixing, or None when it cannot be mixed.
+
+        Raises _TaskUnavailable when the task or its delta file is gone.
+        """
+        try:
+            entry = self.store.get(task)
+        except TaskNotFound as e:
+            raise _TaskUnavailable(ErrorKind.NOT_FOUND, str(e)) from e
+        key = (task, entry.version)
+        cached = self._row_deltas.get(key)
+        if cached is not None:
+            self._row_deltas.move_to_end(key)
+            return cached
+        if key in self._not_mixable:
+            return None
+        try:
+            decoded = self.residency.fetch(entry).decoded
+        except DeltaFormatError as e:
+            logger.error("cannot load the delta of task %s: %s", task, e)
+            self.store.forget(task)
+            self.residency.evict(task)
+            raise _TaskUnavailable(ErrorKind.NOT_FOUND, f"the delta of task {task!r} could not be loaded: {e}") from e
+        try:
+            prepared = prepare(self.model, decoded)
+        except NotMixable as e:
+            self._not_mixable[key] = str(e)
+            logger.warning("task %s is served in batches of its own: %s", task, e)
+            return None
+        self._row_deltas[key] = prepared
+        while len(self._row_deltas) > 2 * self.max_batch_size:
+            self._row_deltas.popitem(last=False)
+        return prepared
+
+    def _requeue(self, requests: list[EngineRequest]) -> None:
+        """Put requests back at the front of their queues, oldest first."""
+        with self._cond:
+            for request in sorted(requests, key=lambda r: r.arrival, reverse=True):
+                self._queues.setdefault(request.task, deque()).appendleft(request)
+            self._cond.notify_all()
 
     # -- swaps -----------------------------------------------------------------------------
 

@@ -184,8 +184,13 @@ def generate(
     *,
     eos_token_ids: frozenset[int],
     pad_token_id: int,
+    on_rows: Callable[[list[int]], None] | None = None,
 ) -> list[Completion]:
-    """Complete every sequence with the model's current weights; results keep the input order."""
+    """Complete every sequence with the model's current weights; results keep the input order.
+
+    `on_rows`, when given, receives the sequence index of every batch row before the first forward
+    pass and again whenever finished rows leave the batch (mixed batches route rows by it).
+    """
     if not sequences:
         return []
     if any(not seq.prompt_ids for seq in sequences):
@@ -201,6 +206,8 @@ def generate(
     # 2. Prefill all prompts at once; only the last position's logits are needed.
     input_ids, mask, positions = _left_pad([s.prompt_ids for s in sequences], pad_token_id=pad_token_id, device=device)
     cache = DynamicCache(config=model.config)
+    if on_rows is not None:
+        on_rows(list(active))
     out = model(
         input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True, logits_to_keep=1
     )
@@ -241,6 +248,8 @@ def generate(
             positions = positions[keep_index]
             active = [active[row] for row in keep]
             tokens = [tokens[row] for row in keep]
+            if on_rows is not None:
+                on_rows(list(active))
 
         # 5. One decode step for the remaining rows.
         mask = torch.cat([mask, mask.new_ones((len(active), 1))], dim=-1)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 logger = logging.getLogger(__name__)
@@ -111,6 +111,15 @@ class Settings(BaseSettings):
     shutdown_timeout: float = Field(
         30.0, ge=0, description="Seconds a SIGTERM waits for in-flight requests before it cancels them."
     )
+
+    @model_validator(mode="after")
+    def _check_batching(self) -> Settings:
+        if self.batching == Batching.MIXED and self.swap_mode == SwapMode.FULL:
+            raise ValueError(
+                "batching 'mixed' adds decoded deltas per row, which swap mode 'full' does not keep; "
+                "use swap mode 'exact' or 'subtract' with it, or batching 'per-task'"
+            )
+        return self
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The server on CUDA in bfloat16: swaps restore the base bit-exactly and tasks still differ."""
+"""On CUDA: bfloat16 swaps restore the base bit-exactly, tasks still differ, mixed batches match merged rows."""
 
 from __future__ import annotations
 
@@ -8,8 +8,11 @@ from pathlib import Path
 import openai
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
-from deltastore.apply import model_params
+from deltastore.apply import apply, decode, model_params, restore
+from deltastore.format import read_delta
+from server.mixing import MixedBatch, prepare
 from server.settings import Settings
 from tests.server.support import start_server, weights_hash
 
@@ -40,3 +43,20 @@ def test_bfloat16_swaps_restore_base_exactly(tiny_base: Path, delta_files: dict[
         assert runtime.engine.swap_count == 9
     finally:
         server.stop()
+
+
+@torch.no_grad()
+def test_mixed_batch_on_cuda_matches_merged_rows(tiny_base: Path, delta_files: dict[str, Path]) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).to("cuda").eval()
+    params = model_params(model)
+    decoded = {task: decode(read_delta(delta_files[task]), device="cuda") for task in ("alpha", "beta")}
+    ids = torch.tensor([[5, 9, 13, 2], [11, 3, 8, 21], [6, 6, 30, 12]], device="cuda")
+
+    with MixedBatch(model, [prepare(model, decoded["alpha"]), None, prepare(model, decoded["beta"])]):
+        mixed = model(input_ids=ids).logits
+    for row, task in ((0, "alpha"), (2, "beta")):
+        applied = apply(params, decoded[task])
+        merged = model(input_ids=ids[row : row + 1]).logits[0]
+        restore(params, applied)
+        torch.testing.assert_close(mixed[row], merged, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(mixed[1], model(input_ids=ids[1:2]).logits[0], atol=1e-5, rtol=1e-5)
