@@ -420,6 +420,7 @@ class Engine:
         # 2. The base weights in place, then one generation with per-row hooks.
         self._switch_to(self.base_name)
         self.mixed_batch_count += 1
+        self.metrics.mixed_batches.inc()
         logger.debug("mixed batch of %d requests over tasks %s", len(batch), sorted(remaining))
         with MixedBatch(self.model, [row_deltas[request.task] for request in batch]) as mixing:
             self._run_batch(batch, mixing=mixing)

@@ -70,6 +70,10 @@ class Metrics:
             "deltamux_batch_size", "Requests per generated batch.",
             buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r,
         )
+        self.mixed_batches = Counter(
+            "deltamux_mixed_batches", "Batches that mixed several tasks on the base weights (batching mixed).",
+            registry=r,
+        )
 
         # Swaps and the delta caches.
         self.swaps = Counter(

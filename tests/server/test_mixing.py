@@ -270,6 +270,7 @@ def test_engine_mixes_tasks_in_one_batch(tiny_base, delta_files, tmp_path) -> No
         runtime.engine.stop()
 
     assert runtime.engine.mixed_batch_count == 1
+    assert runtime.metrics.registry.get_sample_value("deltamux_mixed_batches_total") == 1
     assert runtime.engine.swap_count == 0  # a mixed batch runs on the base weights
     references = {
         "base": reference_model(tiny_base, None),
