@@ -5,8 +5,10 @@ from __future__ import annotations
 import copy
 import shutil
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import openai
 import pytest
 import torch
 from pydantic import ValidationError
@@ -22,7 +24,7 @@ from server.generation import SamplingParams
 from server.metrics import Metrics
 from server.mixing import MixedBatch, NotMixable, prepare
 from server.settings import Settings
-from tests.server.support import reference_model
+from tests.server.support import greedy_text, reference_model, start_server, tokenizer_for
 
 PROMPTS = [[5, 9, 13, 2, 7], [11, 3, 8, 21, 4], [6, 6, 30, 12, 9]]
 
@@ -332,3 +334,34 @@ def test_unmixable_task_served_alone(tiny_base, delta_files, tmp_path) -> None:
         event = collector.events[(task, i)]
         assert isinstance(event, DoneEvent), event
         assert event.completion.token_ids == _greedy_ids(references[task], PROMPTS[i % 3], 8), (task, i)
+
+
+def test_mixed_server_streams_each_task(tiny_base, delta_files, tmp_path) -> None:
+    for task in ("alpha", "beta"):
+        shutil.copy(delta_files[task], tmp_path)
+    settings = Settings(
+        base=tiny_base, store=tmp_path, device="cpu", base_name="base", batching="mixed", max_batch_size=6,
+        max_batch_wait=0.5,
+    )
+    server = start_server(settings)
+    client = openai.OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", max_retries=0)
+    models = ["alpha", "beta", "base", "alpha", "beta", "base"]
+
+    def stream(model: str) -> str:
+        chunks = client.completions.create(model=model, prompt="The quick brown fox", max_tokens=10, temperature=0, stream=True)
+        return "".join(chunk.choices[0].text for chunk in chunks if chunk.choices)
+
+    try:
+        with ThreadPoolExecutor(len(models)) as pool:
+            texts = list(pool.map(stream, models))
+        mixed_batches = server.runtime.engine.mixed_batch_count
+    finally:
+        server.stop()
+
+    tokenizer = tokenizer_for(tiny_base)
+    prompt = tokenizer("The quick brown fox").input_ids
+    references = {"base": None, "alpha": delta_files["alpha"], "beta": delta_files["beta"]}
+    for model, text in zip(models, texts, strict=True):
+        expected, _ = greedy_text(reference_model(tiny_base, references[model]), tokenizer, prompt, max_tokens=10)
+        assert text == expected, model
+    assert mixed_batches >= 1
