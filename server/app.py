@@ -28,7 +28,7 @@ from fastapi.concurrency import run_in_threadpool
 from prometheus_client import CONTENT_TYPE_LATEST
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from deltastore.apply import model_params
+from deltastore.apply import model_params, pack_parameters
 from deltastore.checkpoint import Checkpoint, fingerprint
 from deltastore.format import MAX_HEADER_BYTES, METADATA_KEY, DeltaFormatError
 from server.auth import Principal, load_keys, require_admin, require_key
@@ -83,6 +83,8 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     tokenizer = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=placement.dtype)
     model.to(placement.device).eval()
+    # One buffer per dtype lets a swap reach every sparse tensor of a delta with one indexing call.
+    pack_parameters(model_params(model))
     params = model_params(model)
     text_config = model.config.get_text_config()
     context_length = int(getattr(text_config, "max_position_embeddings", 0) or tokenizer.model_max_length)
@@ -94,7 +96,7 @@ def load_runtime(settings: Settings, metrics: Metrics) -> Runtime:
     store.scan()
     residency = Residency(
         store, device=placement.device, device_cache_bytes=settings.device_cache_bytes,
-        cpu_cache_bytes=settings.cpu_cache_bytes, metrics=metrics,
+        cpu_cache_bytes=settings.cpu_cache_bytes, metrics=metrics, params=params,
     )
     engine = Engine(
         model=model, tokenizer=tokenizer, params=params, store=store, residency=residency, metrics=metrics,

@@ -23,11 +23,12 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
-from deltastore.apply import DecodedDelta, apply, decode
+from deltastore.apply import DecodedDelta, apply, decode, prepare_merged
 from deltastore.format import DeltaFile
 from server.metrics import STAGE_COPY_TO_DEVICE, STAGE_DISK_LOAD, Metrics
 from server.store import Store, StoredTask
@@ -92,9 +93,11 @@ class Residency:
     """Two LRU tiers in front of the store; `fetch` is called by the engine thread only."""
 
     def __init__(
-        self, store: Store, *, device: torch.device, device_cache_bytes: int, cpu_cache_bytes: int, metrics: Metrics
+        self, store: Store, *, device: torch.device, device_cache_bytes: int, cpu_cache_bytes: int, metrics: Metrics,
+        params: Mapping[str, torch.Tensor] | None = None,
     ) -> None:
         self.store = store
+        self.params = params  # the resident weights; with them, deltas get their packed-buffer positions on load
         self.device = device
         self.metrics = metrics
         cpu_budget = 0 if device.type == "cpu" else cpu_cache_bytes
@@ -139,6 +142,8 @@ class Residency:
         # 3. Decode onto the model's device.
         start = time.perf_counter()
         decoded = decode(delta, device=self.device)
+        if self.params is not None:
+            prepare_merged(self.params, decoded)
         synchronize(self.device)
         copy_s = time.perf_counter() - start
         self.metrics.observe_stage(STAGE_COPY_TO_DEVICE, copy_s)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from deltastore.apply import apply, check_compatible, decode, model_params, restore
+from deltastore.apply import apply, check_compatible, decode, model_params, pack_parameters, prepare_merged, restore
 from deltastore.format import DeltaFile, DeltaFormatError, DenseEntry, SparseEntry, read_delta, write_delta
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -258,3 +258,78 @@ def test_structured_lines_wrong_width_rejected() -> None:
 
     with pytest.raises(DeltaFormatError, match="keeps lines of shape"):
         apply(params, decode(_structured_delta()))
+
+
+def _packable_params(dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(4)
+    return {
+        "a": torch.randn(37, 53, generator=generator).to(dtype),
+        "b": torch.randn(211, generator=generator).to(dtype),
+        "c": torch.randn(19, 7, generator=generator).to(dtype),
+        "norm": torch.randn(13, generator=generator).to(dtype),
+    }
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_apply_matches_unpacked(dtype: torch.dtype) -> None:
+    packed, plain = _packable_params(dtype), _packable_params(dtype)
+    assert pack_parameters(packed) == 1
+    decoded = decode(_delta({"a": (37, 53), "b": (211,), "c": (19, 7)}))
+
+    applied = apply(packed, decoded)
+    apply(plain, decode(_delta({"a": (37, 53), "b": (211,), "c": (19, 7)})))
+
+    assert len(applied.merged) == 1
+    assert applied.merged[0][1].members == frozenset({0, 1, 2})  # a, b, c; the dense norm goes alone
+    for name in plain:
+        assert torch.equal(packed[name].view(torch.uint8), plain[name].view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_packed_apply_restore_bit_exact_over_1000_cycles(dtype: torch.dtype) -> None:
+    params = _packable_params(dtype)
+    pack_parameters(params)
+    base = {name: tensor.clone() for name, tensor in params.items()}
+    decoded = decode(_delta({"a": (37, 53), "b": (211,), "c": (19, 7)}))
+
+    for _ in range(1000):
+        restore(params, apply(params, decoded))
+
+    for name in params:
+        assert torch.equal(params[name].view(torch.uint8), base[name].view(torch.uint8)), name
+
+
+def test_pack_parameters_keeps_model_output(tiny_base: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_base, dtype=torch.float32).eval()
+    ids = torch.tensor([[5, 9, 13, 2, 7]])
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        pack_parameters(model_params(model))
+        after = model(input_ids=ids).logits
+    params = model_params(model)
+    storages = {tensor.untyped_storage().data_ptr() for tensor in params.values()}
+    assert len(storages) == 1
+    assert torch.equal(before, after)
+
+
+def test_packed_subtract_mode_round_trips_float32() -> None:
+    params = _packable_params(torch.float32)
+    pack_parameters(params)
+    base = {name: tensor.clone() for name, tensor in params.items()}
+
+    restore(params, apply(params, decode(_delta({"a": (37, 53), "c": (19, 7)})), mode="subtract"))
+
+    for name in params:
+        assert torch.allclose(params[name], base[name], atol=1e-6), name
+
+
+def test_prepare_merged_counts_positions_in_nbytes() -> None:
+    params = _packable_params(torch.float32)
+    pack_parameters(params)
+    decoded = decode(_delta({"a": (37, 53), "b": (211,)}))
+    before = decoded.nbytes
+
+    prepare_merged(params, decoded)
+
+    nnz = sum(t.indices.numel() for t in decoded.tensors if t.indices is not None)
+    assert decoded.nbytes == before + nnz * 12  # int64 position and float32 value per kept value
