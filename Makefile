@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: venv test test-fast demo deltas clean
+.PHONY: venv test test-fast demo deltas docker-smoke clean
 
 $(BIN)/deltamux: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,10 @@ demo: venv
 ## Rebuild demo/store from nothing: fetch the base, fine-tune each task, compress (about an hour on 2 cores).
 deltas: venv
 	DELTAMUX=$(BIN)/deltamux PYTHON=$(BIN)/python benchmarks/rebuild_demo.sh
+
+## Build the CPU image with podman (offline, from docker/wheelhouse) and check it serves the demo store.
+docker-smoke: venv
+	PYTHON=$(BIN)/python DELTAMUX=$(BIN)/deltamux docker/smoke-test.sh
 
 clean:
 	rm -rf $(VENV) .pytest_cache
