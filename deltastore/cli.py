@@ -485,25 +485,31 @@ def run_verify(args: argparse.Namespace) -> int:
     from deltastore.checkpoint import fingerprint
     from deltastore.format import DeltaFormatError, read_delta
 
-    if not args.file.is_file():
-        raise ValueError(f"delta file {str(args.file)!r} not found; pass a TASK.delta.safetensors file")
+    for path in args.files:
+        if not path.is_file():
+            raise ValueError(f"delta file {str(path)!r} not found; pass TASK.delta.safetensors files")
     expected = fingerprint(args.base)
-    try:
-        delta = read_delta(args.file, expected_fingerprint=expected)
-    except DeltaFormatError as e:
-        print(f"deltamux verify: FAILED: {e}", file=sys.stderr)
-        return EXIT_VERIFY_FAILED
-    print(f"{args.file}: OK (checksum matches, made for base {expected}, {_plural(len(delta.entries), 'tensor')}, nnz {delta.metadata.nnz})")
-    return EXIT_OK
+    failed = 0
+    # Every file is checked, so one run reports all bad files of a store, not only the first.
+    for path in args.files:
+        try:
+            delta = read_delta(path, expected_fingerprint=expected)
+        except DeltaFormatError as e:
+            print(f"deltamux verify: FAILED: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        print(f"{path}: OK (checksum matches, made for base {expected}, {_plural(len(delta.entries), 'tensor')}, nnz {delta.metadata.nnz})")
+    return EXIT_VERIFY_FAILED if failed else EXIT_OK
 
 
 def _add_verify(subparsers) -> None:
     parser = subparsers.add_parser(
         "verify",
         help="check a delta file's checksum and that it was made for a base",
-        description="Verify the payload checksum and the base fingerprint. Exit 0 if both match, 1 if not, 2 on invalid input.",
+        description="Verify each file's payload checksum and base fingerprint. Exit 0 if all match, 1 if any "
+        "does not, 2 on invalid input.",
     )
-    parser.add_argument("file", type=Path, metavar="FILE", help="a TASK.delta.safetensors file")
+    parser.add_argument("files", type=Path, nargs="+", metavar="FILE", help="one or more TASK.delta.safetensors files")
     parser.add_argument("--base", required=True, type=Path, metavar="DIR", help="the base checkpoint folder the delta must fit")
     parser.set_defaults(func=run_verify)
 

@@ -11,7 +11,7 @@
 #   DELTAMUX_ALLOW_EMPTY_STORE   1: start with a store that has no delta files (tasks are uploaded
 #                                later through the API); default 0, so a store volume that was not
 #                                mounted stops the start-up
-#   DELTAMUX_VERIFY_STORE        0: skip `deltamux verify` of each delta file; default 1
+#   DELTAMUX_VERIFY_STORE        0: skip `deltamux verify` of the delta files; default 1
 set -euo pipefail
 
 DELTAMUX="${DELTAMUX_BIN:-deltamux}"
@@ -42,18 +42,14 @@ elif [[ ! -d "$DELTAMUX_BASE" ]]; then
 fi
 
 # 3. Every delta must fit this base. The server alone would skip a delta made for another base
-# with a warning and report ready without that task.
-# NOTE: each check starts a Python process that imports torch, which took 2 to 5 s per file on a
-# shared 2-core machine. Start-up therefore grows with the number of delta files, and
-# DELTAMUX_VERIFY_STORE=0 skips the checks.
-if [[ "${DELTAMUX_VERIFY_STORE:-1}" != 0 ]]; then
-  for delta in "${deltas[@]}"; do
-    if ! "$DELTAMUX" verify --base "$DELTAMUX_BASE" "$delta"; then
-      echo "deltamux: delta file '$delta' failed verification against base '$DELTAMUX_BASE' (see the message" \
-        "above); remove it from the store or compress its fine-tune again against this base" >&2
-      exit 1
-    fi
-  done
+# with a warning and report ready without that task. One `deltamux verify` process checks all
+# files; DELTAMUX_VERIFY_STORE=0 skips the check.
+if [[ "${DELTAMUX_VERIFY_STORE:-1}" != 0 && ${#deltas[@]} -gt 0 ]]; then
+  if ! "$DELTAMUX" verify --base "$DELTAMUX_BASE" "${deltas[@]}"; then
+    echo "deltamux: delta files failed verification against base '$DELTAMUX_BASE' (each FAILED line above" \
+      "names one); remove them from the store or compress their fine-tunes again against this base" >&2
+    exit 1
+  fi
 fi
 
 exec "$DELTAMUX" serve --base "$DELTAMUX_BASE" --store "$DELTAMUX_STORE" "$@"

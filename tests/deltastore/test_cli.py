@@ -353,3 +353,16 @@ def test_compress_without_drop_rate_is_one_line_error(tiny_base, tiny_finetunes,
             "--method", "magnitude"]
     assert run(*argv) == 2
     assert_one_line_error(capsys, "needs a drop rate", "auto")
+
+
+def test_verify_checks_every_file(delta_file, tiny_base, tmp_path, capsys):
+    altered = tmp_path / "altered.delta.safetensors"
+    data = bytearray(delta_file.read_bytes())
+    data[-3] ^= 0xFF
+    altered.write_bytes(bytes(data))
+
+    assert run("verify", delta_file, altered, delta_file, "--base", tiny_base) == cli.EXIT_VERIFY_FAILED
+
+    out, err = capsys.readouterr()
+    assert out.count(": OK (") == 2
+    assert err.count("FAILED") == 1
