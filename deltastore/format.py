@@ -55,6 +55,14 @@ STRUCTURED_AXES = {"rows": 0, "columns": 1}
 KINDS = ("sparse", "dense", *STRUCTURED_AXES)
 _STORED_VALUE_DTYPES = {"float16": "F16", "bfloat16": "BF16", "float32": "F32", "int8": "I8"}
 
+# The fix named by messages about a file that is not a delta file. The drop rate is the README's example.
+MAKE_DELTA_HINT = (
+    "make a delta file from a fine-tune with `deltamux compress --base BASE --finetuned FINETUNED "
+    "--task TASK --store DIR --method dare --drop-rate 0.99`"
+)
+_SNIFF_BYTES = 4096  # bytes read to describe a file that is not a delta file
+_SHOWN_BYTES = 16  # of those, how many a message shows
+
 _TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _STORED_DTYPES = {
     "F32": (torch.float32, 4),
@@ -68,6 +76,10 @@ _STORED_DTYPES = {
 
 class DeltaFormatError(ValueError):
     """A delta file is malformed, truncated, altered, or does not fit the base it is used with."""
+
+
+class NotADeltaFile(DeltaFormatError):
+    """A file that is no deltamux delta at all: not safetensors, or safetensors without deltamux metadata."""
 
 
 class FingerprintMismatch(DeltaFormatError):
@@ -448,16 +460,28 @@ def _open(path: Path):
 
 def _read_header(path: Path, handle, size: int) -> dict:
     """Parse the safetensors header and check that its array extents are sane and disjoint."""
+    # 1. The 8-byte header length. A file without the safetensors layout raises NotADeltaFile, which
+    # shows what the file contains. A damaged safetensors file gets the precise message.
+    head = handle.read(_SNIFF_BYTES)
+    handle.seek(0)
     if size < 8:
-        raise DeltaFormatError(f"{path.name!r} is {size} bytes long, too short for a safetensors file")
+        raise _not_safetensors(path, head, size, reason="it is too short for a safetensors file, which starts with an 8-byte header length")
     (length,) = struct.unpack("<Q", handle.read(8))
-    if length > MAX_HEADER_BYTES:
-        raise DeltaFormatError(f"{path.name!r} declares a {length}-byte header; the limit is {MAX_HEADER_BYTES} bytes")
-    if 8 + length > size:
+    if length > MAX_HEADER_BYTES or 8 + length > size:
+        if not _starts_like_safetensors(head):
+            raise _not_safetensors(path, head, size, reason="its first 8 bytes are not the length of a JSON header inside the file")
+        if length > MAX_HEADER_BYTES:
+            raise DeltaFormatError(f"{path.name!r} declares a {length}-byte header; the limit is {MAX_HEADER_BYTES} bytes")
         raise DeltaFormatError(f"{path.name!r} is truncated: its header needs {length} bytes but the file has {size - 8}")
+
+    # 2. The JSON header and the extents of its arrays.
     try:
         header = json.loads(handle.read(length), object_pairs_hook=_reject_duplicate_keys)
     except (UnicodeDecodeError, ValueError) as e:
+        if not _starts_like_safetensors(head):
+            raise _not_safetensors(
+                path, head, size, reason=f"its first 8 bytes give a {length}-byte header, which is not valid JSON"
+            ) from e
         raise DeltaFormatError(f"{path.name!r} has a header that is not valid JSON: {e}") from e
     if not isinstance(header, dict):
         raise DeltaFormatError(f"{path.name!r} has a header that is not a JSON object")
@@ -490,6 +514,50 @@ def _read_header(path: Path, handle, size: int) -> dict:
     return header
 
 
+def _starts_like_safetensors(head: bytes) -> bool:
+    """Tell whether a file's first bytes have the safetensors layout: a binary length, then '{'.
+
+    A header length below 2^56 has a zero top byte, but text never contains a zero byte. The header
+    is a JSON object, so its first byte other than a space is '{'.
+    """
+    return b"\x00" in head[:8] and head[8:].lstrip()[:1] == b"{"
+
+
+def _not_safetensors(path: Path, head: bytes, size: int, *, reason: str) -> NotADeltaFile:
+    return NotADeltaFile(
+        f"{path.name!r} is not a safetensors file, so it is not a deltamux delta file: {reason} "
+        f"(found {describe_contents(head, size=size)}); {MAKE_DELTA_HINT}"
+    )
+
+
+def describe_contents(head: bytes, *, size: int) -> str:
+    """Describe a file by its size and first bytes: text quoted, binary data in hex, cut to _SHOWN_BYTES.
+
+    `head` is the start of the file (up to _SNIFF_BYTES bytes) and `size` its full length.
+    """
+    if size == 0:
+        return "an empty file"
+    length = f"{size} byte" if size == 1 else f"{size} bytes"
+    text = _as_text(head)
+    if text is None:
+        return f"{length} of binary data starting with {head[:_SHOWN_BYTES].hex(' ')}"
+    kind = "JSON text" if text.lstrip()[:1] in ("{", "[") else "text"
+    return f"{length} of {kind} starting with {text[:_SHOWN_BYTES]!r}"
+
+
+def _as_text(head: bytes) -> str | None:
+    """Decode the start of a file as UTF-8 text; None for binary data (control bytes or invalid UTF-8)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 3:  # not just a character cut at the end of the sample
+            return None
+        text = head[: e.start].decode("utf-8")
+    if any(ord(char) < 32 and char not in "\t\n\r" for char in text):
+        return None
+    return text
+
+
 def _is_count(value: object) -> bool:
     """Return True for a non-negative JSON integer; JSON booleans parse as Python bools and are rejected."""
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
@@ -506,7 +574,10 @@ def _reject_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
 def _parse_metadata(path: Path, header: dict) -> DeltaMetadata:
     raw = (header.get("__metadata__") or {}).get(METADATA_KEY) if isinstance(header.get("__metadata__"), dict) else None
     if raw is None:
-        raise DeltaFormatError(f"{path.name!r} is a safetensors file but not a deltamux delta (no {METADATA_KEY!r} metadata)")
+        raise NotADeltaFile(
+            f"{path.name!r} is a safetensors file but not a deltamux delta file: it has no {METADATA_KEY!r} "
+            f"metadata, so it is probably a model checkpoint; {MAKE_DELTA_HINT}"
+        )
     try:
         record = json.loads(raw)
         version = record["format_version"]

@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from deltastore.apply import model_params, pack_parameters
 from deltastore.checkpoint import Checkpoint, fingerprint
-from deltastore.format import MAX_HEADER_BYTES, METADATA_KEY, DeltaFormatError
+from deltastore.format import MAKE_DELTA_HINT, DeltaFormatError, NotADeltaFile
 from server.auth import Principal, load_keys, require_admin, require_key
 from server.engine import Engine
 from server.errors import APIError, error_response, install_error_handlers, plural
@@ -48,9 +48,6 @@ NOT_READY = "server_not_ready"
 LOAD_FAILED = "model_load_failed"
 FILE_TOO_LARGE = "file_too_large"
 REQUEST_TOO_LARGE = "request_too_large"
-
-_SNIFF_BYTES = 4096  # bytes read to tell what an upload that is not a delta file contains
-_SHOWN_BYTES = 16  # of those, how many an error message shows
 
 
 @dataclass
@@ -304,66 +301,25 @@ async def _receive_delta(request: Request, *, task: str, runtime: Runtime) -> St
             handle.flush()
             os.fsync(handle.fileno())
         if size == 0:
-            raise APIError(400, _not_a_delta_message("an empty body (0 bytes)"), param="body", code="invalid_delta")
+            raise APIError(
+                400, f"invalid delta file: the request body is empty (0 bytes), so it is not a deltamux delta file; "
+                f"{MAKE_DELTA_HINT}, then upload DIR/TASK.delta.safetensors",
+                param="body", code="invalid_delta",
+            )
 
         # 3. Verify in full (checksum, base fingerprint, names and shapes), then publish.
-        with upload.open("rb") as handle:
-            head = handle.read(_SNIFF_BYTES)  # kept to describe a file that is no delta at all
         try:
             return await run_in_threadpool(runtime.store.register, task, upload)
         except TaskExists as e:
             raise APIError(409, str(e), param="task", code="task_exists") from e
         except DeltaFormatError as e:
             # The reader names the file it read, which here is the hidden temporary upload.
-            reason = str(e).replace(repr(upload.name), "the uploaded file")
-            found = _describe_non_delta(head, size=size, reason=str(e))
-            message = f"invalid delta file: {reason}" if found is None else _not_a_delta_message(f"{found} ({reason})")
+            message = "invalid delta file: " + str(e).replace(repr(upload.name), "the uploaded file")
+            if isinstance(e, NotADeltaFile):
+                message += ", then upload DIR/TASK.delta.safetensors"
             raise APIError(422, message, param="body", code="invalid_delta") from e
     finally:
         upload.unlink(missing_ok=True)
-
-
-def _not_a_delta_message(found: str) -> str:
-    return (
-        f"invalid delta file: the upload is not a deltamux delta file (safetensors): found {found}. Make one "
-        "from a fine-tune with "
-        "`deltamux compress --base BASE --finetuned FINETUNED --task TASK --store DIR --method dare "
-        "--drop-rate 0.9`, then upload DIR/TASK.delta.safetensors"
-    )
-
-
-def _describe_non_delta(head: bytes, *, size: int, reason: str) -> str | None:
-    """Describe an upload that is not a deltamux delta at all; None when it looks like a damaged delta.
-
-    `head` is the file's first bytes and `reason` the reader's error. A safetensors file starts
-    with a little-endian u64 header length and a JSON object. A file without that layout is
-    described by what it starts with: JSON, other text or binary data.
-    """
-    if len(head) >= 9:
-        header_length = int.from_bytes(head[:8], "little")
-        if 2 <= header_length <= min(size - 8, MAX_HEADER_BYTES) and head[8:9] == b"{":
-            # The safetensors layout: a damaged delta, unless the header lacks deltamux metadata.
-            if f"not a deltamux delta (no {METADATA_KEY!r} metadata)" in reason:
-                return "a safetensors file without deltamux metadata, such as a model checkpoint"
-            return None
-    text = _as_text(head)
-    if text is None:
-        return f"{plural(size, 'byte')} of binary data starting with {head[:_SHOWN_BYTES].hex(' ')}"
-    kind = "JSON text" if text.lstrip()[:1] in ("{", "[") else "text"
-    return f"{plural(size, 'byte')} of {kind} starting with {text[:_SHOWN_BYTES]!r}"
-
-
-def _as_text(head: bytes) -> str | None:
-    """Decode the start of a file as UTF-8 text; None for binary data (control bytes or invalid UTF-8)."""
-    try:
-        text = head.decode("utf-8")
-    except UnicodeDecodeError as e:
-        if e.start < len(head) - 3:  # not just a character cut at the end of the sample
-            return None
-        text = head[: e.start].decode("utf-8")
-    if any(ord(char) < 32 and char not in "\t\n\r" for char in text):
-        return None
-    return text
 
 
 def _delta_info(entry: StoredTask) -> DeltaInfo:

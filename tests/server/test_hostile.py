@@ -390,9 +390,10 @@ def test_non_delta_upload_explained(live, data: bytes, found: str) -> None:
     assert response.status_code == 422, response.text
     error = response.json()["error"]
     assert error["code"] == "invalid_delta"
-    assert "not a deltamux delta file (safetensors)" in error["message"]
+    assert "the uploaded file is not a safetensors file, so it is not a deltamux delta file" in error["message"]
     assert found in error["message"], error["message"]
-    assert "deltamux compress" in error["message"]
+    assert "--drop-rate 0.99`, then upload DIR/TASK.delta.safetensors" in error["message"]
+    assert "the limit is" not in error["message"]
     assert _store_files(live) == before
 
 
@@ -400,9 +401,9 @@ def test_checkpoint_upload_explained(live, tiny_base) -> None:
     response = _upload(live, "checkpoint", (tiny_base / "model.safetensors").read_bytes())
     assert response.status_code == 422, response.text
     message = response.json()["error"]["message"]
-    assert "not a deltamux delta file (safetensors)" in message
-    assert "safetensors file without deltamux metadata" in message
-    assert "deltamux compress" in message
+    assert "the uploaded file is a safetensors file but not a deltamux delta file" in message
+    assert "no 'deltamux' metadata" in message
+    assert "--drop-rate 0.99`, then upload DIR/TASK.delta.safetensors" in message
 
 
 def test_empty_upload_explained(live) -> None:
@@ -410,5 +411,5 @@ def test_empty_upload_explained(live) -> None:
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert error["code"] == "invalid_delta"
-    assert "not a deltamux delta file (safetensors): found an empty body (0 bytes)" in error["message"]
-    assert "deltamux compress" in error["message"]
+    assert "the request body is empty (0 bytes), so it is not a deltamux delta file" in error["message"]
+    assert "--drop-rate 0.99`, then upload DIR/TASK.delta.safetensors" in error["message"]
