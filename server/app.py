@@ -33,7 +33,15 @@ from deltastore.checkpoint import Checkpoint, fingerprint
 from deltastore.format import MAKE_DELTA_HINT, DeltaFormatError, NotADeltaFile
 from server.auth import Principal, load_keys, require_admin, require_key
 from server.engine import Engine
-from server.errors import APIError, error_response, install_error_handlers, plural
+from server.errors import (
+    MISSING_FIELD,
+    MODEL_NOT_FOUND,
+    APIError,
+    error_response,
+    install_error_handlers,
+    model_not_found_message,
+    plural,
+)
 from server.metrics import Metrics
 from server.protocol import DeltaInfo, DeltaList, ModelCard, ModelList
 from server.residency import Residency
@@ -218,12 +226,31 @@ def create_app(settings: Settings) -> FastAPI:
     async def list_models(
         principal: Principal = Depends(require_key), runtime: Runtime = Depends(get_runtime)
     ) -> ModelList:
-        cards = [ModelCard(id=runtime.base_name, created=runtime.created)]
-        cards += [
-            ModelCard(id=entry.task, created=_created(entry), delta=_delta_info(entry).model_dump())
-            for entry in runtime.store.tasks()
-        ]
+        cards = [_base_card(runtime)] + [_task_card(entry) for entry in runtime.store.tasks()]
         return ModelList(data=[card for card in cards if principal.allows(card.id)])
+
+    # `path` lets a base id with a slash ("org/model") through: the openai client (3.60) sends it as
+    # %2F, and the server decodes that to '/' before routing.
+    @app.get("/v1/models/{model:path}", response_model=ModelCard)
+    async def retrieve_model(
+        model: str, principal: Principal = Depends(require_key), runtime: Runtime = Depends(get_runtime)
+    ) -> ModelCard:
+        if not model:
+            raise APIError(
+                400, "the model id is missing from the path; send GET /v1/models/MODEL, or GET /v1/models for the list",
+                param="model", code=MISSING_FIELD,
+            )
+        # A model outside the caller's tasks gets the same 404 as one that does not exist.
+        not_found = APIError(404, model_not_found_message(model), param="model", code=MODEL_NOT_FOUND)
+        if not principal.allows(model):
+            logger.info("key %s asked for model %r outside its tasks", principal.name, model)
+            raise not_found
+        if model == runtime.base_name:
+            return _base_card(runtime)
+        try:
+            return _task_card(runtime.store.get(model))
+        except TaskNotFound as e:
+            raise not_found from e
 
     @app.get("/v1/deltas", response_model=DeltaList)
     async def list_deltas(
@@ -243,6 +270,15 @@ def create_app(settings: Settings) -> FastAPI:
         logger.info("key %s registered task %s", principal.name, task)
         return _delta_info(entry)
 
+    # Without this route, Starlette redirects the trailing slash to /v1/deltas with an empty 307.
+    @app.delete("/v1/deltas/")
+    async def delete_without_task(principal: Principal = Depends(require_admin)) -> dict:
+        raise APIError(
+            400, "the task name is missing from the path; send DELETE /v1/deltas/TASK, "
+            "where GET /v1/deltas lists the tasks",
+            param="task", code=MISSING_FIELD,
+        )
+
     @app.delete("/v1/deltas/{task}")
     async def delete_delta(
         task: str, principal: Principal = Depends(require_admin), runtime: Runtime = Depends(get_runtime)
@@ -255,7 +291,7 @@ def create_app(settings: Settings) -> FastAPI:
         try:
             runtime.store.delete(task)
         except TaskNotFound as e:
-            raise APIError(404, str(e), param="task", code="model_not_found") from e
+            raise APIError(404, str(e), param="task", code=MODEL_NOT_FOUND) from e
         # The file is gone first, so no new request can reach the task; then queued ones fail.
         dropped = runtime.engine.drop_task(task)
         runtime.residency.evict(task)
@@ -320,6 +356,14 @@ async def _receive_delta(request: Request, *, task: str, runtime: Runtime) -> St
             raise APIError(422, message, param="body", code="invalid_delta") from e
     finally:
         upload.unlink(missing_ok=True)
+
+
+def _base_card(runtime: Runtime) -> ModelCard:
+    return ModelCard(id=runtime.base_name, created=runtime.created)
+
+
+def _task_card(entry: StoredTask) -> ModelCard:
+    return ModelCard(id=entry.task, created=_created(entry), delta=_delta_info(entry).model_dump())
 
 
 def _delta_info(entry: StoredTask) -> DeltaInfo:

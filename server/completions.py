@@ -29,7 +29,7 @@ from jinja2 import TemplateError
 from server.app import Runtime, get_runtime
 from server.auth import Principal, require_key
 from server.engine import DoneEvent, EngineRequest, EngineStopped, ErrorEvent, ErrorKind, Event, QueueFull, TextEvent
-from server.errors import APIError, error_body, plural
+from server.errors import MODEL_NOT_FOUND, APIError, error_body, model_not_found_message, plural
 from server.generation import Completion, SamplingParams
 from server.protocol import (
     AssistantMessage,
@@ -67,10 +67,7 @@ def _resolve_task(runtime: Runtime, model: str, principal: Principal) -> str:
 
     A model outside the caller's tasks gets the same 404 as one that does not exist.
     """
-    not_found = APIError(
-        404, f"the model {model!r} does not exist; GET /v1/models lists the base and every task",
-        param="model", code="model_not_found",
-    )
+    not_found = APIError(404, model_not_found_message(model), param="model", code=MODEL_NOT_FOUND)
     if not principal.allows(model):
         logger.info("key %s asked for model %r outside its tasks", principal.name, model)
         raise not_found
@@ -82,23 +79,34 @@ def _resolve_task(runtime: Runtime, model: str, principal: Principal) -> str:
         raise not_found from e
 
 
-def _token_budget(runtime: Runtime, *, prompt_tokens: int, requested: int | None) -> int:
-    """Return max_tokens for one prompt; 400 if prompt plus max_tokens exceeds the context window."""
+def _token_budget(
+    runtime: Runtime, *, prompt_tokens: int, requested: int | None, prompt_param: str, limit_param: str = "max_tokens"
+) -> int:
+    """Return max_tokens for one prompt; 400 if prompt plus max_tokens exceeds the context window.
+
+    `prompt_param` and `limit_param` are the request fields the prompt and `requested` came from.
+    """
     context = runtime.context_length
+
+    # 1. A prompt that fills the window leaves no room for even one token, whatever max_tokens is.
+    if prompt_tokens >= context:
+        raise APIError(
+            400, f"the prompt has {plural(prompt_tokens, 'token')}, but the context window is "
+            f"{plural(context, 'token')} and must also hold the completion; shorten the prompt to at most "
+            f"{plural(context - 1, 'token')}",
+            param=prompt_param, code="context_length_exceeded",
+        )
+
+    # 2. Room is left: use max_tokens if it fits, else advise a value that does.
     if requested is None:
-        if prompt_tokens >= context:
-            raise APIError(
-                400, f"the prompt is {plural(prompt_tokens, 'token')}, but the context window is "
-                f"{plural(context, 'token')}; shorten the prompt",
-                param="prompt", code="context_length_exceeded",
-            )
         return min(runtime.settings.max_tokens_default, context - prompt_tokens)
     if prompt_tokens + requested > context:
         raise APIError(
             400,
-            f"the prompt ({plural(prompt_tokens, 'token')}) plus max_tokens ({requested}) exceeds the context window "
-            f"of {plural(context, 'token')}; shorten the prompt or lower max_tokens to at most {max(context - prompt_tokens, 0)}",
-            param="max_tokens", code="context_length_exceeded",
+            f"the prompt ({plural(prompt_tokens, 'token')}) plus {limit_param} ({requested}) exceeds the context "
+            f"window of {plural(context, 'token')}; shorten the prompt or lower {limit_param} to at most "
+            f"{context - prompt_tokens}",
+            param=limit_param, code="context_length_exceeded",
         )
     return requested
 
@@ -366,7 +374,10 @@ async def completions(
         # 1. Tokenize each prompt and size its completion.
         prompts = body.prompts()
         prompt_ids = [_encode(runtime, prompt, add_special_tokens=True) for prompt in prompts]
-        budgets = [_token_budget(runtime, prompt_tokens=len(ids), requested=body.max_tokens) for ids in prompt_ids]
+        budgets = [
+            _token_budget(runtime, prompt_tokens=len(ids), requested=body.max_tokens, prompt_param="prompt")
+            for ids in prompt_ids
+        ]
 
         # 2. One engine request per choice.
         choice_ids = [ids for ids in prompt_ids for _ in range(body.n)]
@@ -414,7 +425,11 @@ async def chat_completions(
     try:
         # 1. Render the chat template once; every choice shares the prompt.
         prompt_ids = _encode(runtime, _chat_prompt(runtime, body), add_special_tokens=False)
-        budget = _token_budget(runtime, prompt_tokens=len(prompt_ids), requested=body.token_limit())
+        limit_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        budget = _token_budget(
+            runtime, prompt_tokens=len(prompt_ids), requested=body.token_limit(), prompt_param="messages",
+            limit_param=limit_param,
+        )
         params = [_sampling(body, max_tokens=budget, choice=j) for j in range(body.n)]
         submission = _Submission.submit(
             runtime, connection=connection, task=task, prompts=[prompt_ids] * body.n, params=params

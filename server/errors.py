@@ -34,6 +34,7 @@ INVALID_TYPE = "invalid_type"
 INVALID_VALUE = "invalid_value"
 MISSING_FIELD = "missing_field"
 NOT_FOUND_CODE = "not_found"
+MODEL_NOT_FOUND = "model_not_found"
 METHOD_NOT_ALLOWED = "method_not_allowed"
 INTERNAL_ERROR = "internal_error"
 
@@ -135,9 +136,15 @@ _MISSING_FIELD_HINTS = {
     "messages": 'send a list of messages such as [{"role": "user", "content": "..."}]',
     "role": "send one of 'system', 'user', 'assistant', 'developer' or 'tool'",
     "task": "send the task name as the query parameter ?task=NAME",
+    "content": "send the message text as a string, because this server has no tool calls and every message needs text",
 }
 
 _BRANCH_TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "any"})
+
+
+def model_not_found_message(model: str) -> str:
+    """Build the 404 message for a model id that does not exist or that the caller's key cannot use."""
+    return f"the model {model!r} does not exist; GET /v1/models lists the base and every task"
 
 
 def plural(count: int, noun: str, plural_form: str | None = None) -> str:
@@ -236,6 +243,10 @@ def _describe_union(errors: list[dict], param: str) -> FieldProblem:
             # An error on the whole value, not on one of its items: its input is what the client sent.
             got = f", got {shorten_value(error['input'])}"
     expected = " or ".join(_EXPECTED_BY_BRANCH.get(branch.lower().replace(" ", ""), branch) for branch in branches)
+    hint = _MISSING_FIELD_HINTS.get(param.rsplit(".", 1)[-1])
+    if hint is not None and all(error.get("input", "") is None for error in errors):
+        # null for a required field is the same mistake as leaving it out, so it gets the same fix.
+        return FieldProblem(param, f"{param} must be {expected}{got}; {hint}", INVALID_TYPE)
     return FieldProblem(param, f"{param} must be {expected}{got}", INVALID_TYPE)
 
 

@@ -51,14 +51,15 @@ class StreamOptions(_Strict):
 
 # OpenAI fields the server does not implement, with the values that ask for nothing. Any other
 # value is rejected with a 400, because ignoring it would return results the client did not ask for.
+# The error message offers null and the last value of each tuple.
 _UNSUPPORTED_NEUTRAL: dict[str, tuple[Any, ...]] = {
-    "logprobs": (None, False, 0),
+    "logprobs": (None, 0, False),
     "top_logprobs": (None, 0),
     "suffix": (None, ""),
     "best_of": (None, 1),
     "logit_bias": (None, {}),
-    "presence_penalty": (None, 0, 0.0),
-    "frequency_penalty": (None, 0, 0.0),
+    "presence_penalty": (None, 0.0, 0),
+    "frequency_penalty": (None, 0.0, 0),
     "tools": (None, []),
     "tool_choice": (None, "none"),
     "response_format": (None, {"type": "text"}),
@@ -96,7 +97,8 @@ class SamplingFields(_Strict):
         if not any(value == neutral and type(value) is type(neutral) for neutral in _UNSUPPORTED_NEUTRAL[info.field_name]):
             raise PydanticCustomError(
                 UNSUPPORTED_PARAMETER,
-                "{field} is not supported by this server, got {value}; leave it out of the request or send {neutral}",
+                "{field} is not supported by this server, got {value}; leave it out of the request or send null "
+                "or {neutral}",
                 {"field": info.field_name, "value": shorten_value(value), "neutral": shorten_value(_UNSUPPORTED_NEUTRAL[info.field_name][-1])},
             )
         return value
@@ -153,12 +155,12 @@ class CompletionRequest(SamplingFields):
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant", "developer", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    # Required and never null. OpenAI leaves it out only on assistant messages with tool calls (openai-python
+    # 3.60, ChatCompletionAssistantMessageParam), and this server has no tool calls.
+    content: str | list[dict[str, Any]]
 
     def text(self) -> str:
         """Return the message text; list content keeps only its `text` parts."""
-        if self.content is None:
-            return ""
         if isinstance(self.content, str):
             return self.content
         parts = []

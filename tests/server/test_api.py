@@ -141,6 +141,33 @@ def test_models_lists_base_and_tasks(live) -> None:
     assert models[BASE_ID].model_extra["delta"] is None
 
 
+@pytest.mark.parametrize("model", [BASE_ID, "alpha", "beta"])
+def test_models_retrieve_equals_list_entry(live, model: str) -> None:
+    client = _client(live)
+    listed = {m.id: m for m in client.models.list().data}
+    retrieved = client.models.retrieve(model)
+    assert retrieved.id == model
+    assert retrieved.object == "model"
+    assert retrieved.model_dump() == listed[model].model_dump()
+
+
+@pytest.mark.parametrize("model", ["no-such-task", "foreign", "org/no-such-model"])
+def test_models_retrieve_unknown_404(live, model: str) -> None:
+    with pytest.raises(openai.NotFoundError) as caught:
+        _client(live).models.retrieve(model)
+    assert caught.value.body["code"] == "model_not_found"
+    assert caught.value.body["type"] == "not_found_error"
+    assert caught.value.body["param"] == "model"
+    assert repr(model) in caught.value.body["message"]
+
+
+def test_models_retrieve_without_id_400(live) -> None:
+    response = httpx.get(f"{live.base_url}/v1/models/")
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "missing_field"
+    assert "model id is missing" in response.json()["error"]["message"]
+
+
 def test_health_ready_metrics(live) -> None:
     assert httpx.get(f"{live.base_url}/health").json() == {"status": "ok"}
     assert httpx.get(f"{live.base_url}/ready").status_code == 200

@@ -355,3 +355,104 @@ def test_plural_forms() -> None:
     assert plural(0, "token") == "0 tokens"
     assert plural(2, "token") == "2 tokens"
     assert plural(2, "entry", "entries") == "2 entries"
+
+
+# -- chat content, context window, unsupported options, path errors ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("message", "code"),
+    [({"role": "user"}, "missing_field"), ({"role": "user", "content": None}, "invalid_type")],
+    ids=["missing", "null"],
+)
+def test_chat_message_without_content_400(live, message: dict, code: str) -> None:
+    messages = [{"role": "system", "content": "Be brief."}, message]
+    body = {"model": BASE_ID, "messages": messages, "max_tokens": 2}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/chat/completions", json=body), 400)
+    assert error["param"] == "messages[1].content"
+    assert error["code"] == code
+    assert error["message"].startswith("messages[1].content ")
+    assert "no tool calls" in error["message"]
+
+
+def test_assistant_message_without_content_400(live) -> None:
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None}, {"role": "user", "content": "y"}]
+    with pytest.raises(openai.BadRequestError) as caught:
+        _client(live).chat.completions.create(model=BASE_ID, messages=messages, max_tokens=2)
+    assert caught.value.body["param"] == "messages[1].content"
+
+
+def _long_prompt(live: LiveServer) -> str:
+    return "0 1 2 3 4 5 6 7 8 9 " * live.runtime.context_length
+
+
+@pytest.mark.parametrize("max_tokens", [None, 1, 5])
+def test_prompt_filling_window_says_shorten(live, tokenizer, max_tokens: int | None) -> None:
+    context = live.runtime.context_length
+    prompt = _long_prompt(live)
+    body = {"model": BASE_ID, "prompt": prompt, **({} if max_tokens is None else {"max_tokens": max_tokens})}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/completions", json=body, timeout=60), 400)
+    assert error["code"] == "context_length_exceeded"
+    assert error["param"] == "prompt"
+    assert f"the prompt has {len(tokenizer(prompt)['input_ids'])} tokens" in error["message"]
+    assert f"context window is {context} tokens" in error["message"]
+    assert f"shorten the prompt to at most {context - 1} tokens" in error["message"]
+    assert "max_tokens" not in error["message"]
+
+
+def test_chat_prompt_filling_window_names_messages(live) -> None:
+    messages = [{"role": "user", "content": _long_prompt(live)}]
+    body = {"model": "alpha", "messages": messages, "max_completion_tokens": 4}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/chat/completions", json=body, timeout=60), 400)
+    assert error["param"] == "messages"
+    assert "shorten the prompt" in error["message"]
+    assert "max_completion_tokens" not in error["message"]
+    assert "at most 0" not in error["message"]
+
+
+def test_max_tokens_advice_works(live, tokenizer) -> None:
+    prompt = "The quick brown fox"
+    body = {"model": BASE_ID, "prompt": prompt, "max_tokens": live.runtime.context_length, "temperature": 0}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/completions", json=body), 400)
+    advised = int(error["message"].rsplit("at most ", 1)[1])
+    assert advised == live.runtime.context_length - len(tokenizer(prompt)["input_ids"])
+    response = httpx.post(f"{live.base_url}/v1/completions", json={**body, "max_tokens": advised}, timeout=120)
+    assert response.status_code == 200, response.text
+
+
+def test_chat_advice_names_max_completion_tokens(live) -> None:
+    body = {
+        "model": BASE_ID, "messages": [{"role": "user", "content": "x"}],
+        "max_completion_tokens": live.runtime.context_length,
+    }
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/chat/completions", json=body), 400)
+    assert error["param"] == "max_completion_tokens"
+    assert "lower max_completion_tokens to at most" in error["message"]
+
+
+@pytest.mark.parametrize(("path", "value"), [("/v1/completions", 2), ("/v1/chat/completions", True)])
+def test_logprobs_message_names_working_values(live, path: str, value) -> None:
+    body = {"model": BASE_ID, "prompt": "I", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}{path}", json={**body, "logprobs": value}), 400)
+    assert error["param"] == "logprobs"
+    assert "leave it out of the request or send null or false" in error["message"]
+    assert "send 0" not in error["message"]
+    for working in (None, False):
+        response = httpx.post(f"{live.base_url}{path}", json={**body, "logprobs": working}, timeout=60)
+        assert response.status_code == 200, (working, response.text)
+
+
+def test_penalty_message_names_zero(live) -> None:
+    body = {"model": BASE_ID, "prompt": "I", "max_tokens": 2, "presence_penalty": 0.5}
+    error = _assert_openai_error(httpx.post(f"{live.base_url}/v1/completions", json=body), 400)
+    assert error["message"].endswith("leave it out of the request or send null or 0")
+
+
+def test_delete_without_task_400(live) -> None:
+    response = httpx.delete(f"{live.base_url}/v1/deltas/")
+    error = _assert_openai_error(response, 400)
+    assert error["param"] == "task"
+    assert error["code"] == "missing_field"
+    assert "task name is missing" in error["message"]
+    assert "DELETE /v1/deltas/TASK" in error["message"]
+    assert {entry.task for entry in live.runtime.store.tasks()} >= {"alpha", "beta"}
