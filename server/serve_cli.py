@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +59,10 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn  # noqa: PLC0415
     from pydantic import ValidationError  # noqa: PLC0415
 
+    from deltastore.checkpoint import Checkpoint  # noqa: PLC0415
     from server.app import create_app  # noqa: PLC0415
     from server.auth import KeyConfigError  # noqa: PLC0415
-    from server.settings import Settings  # noqa: PLC0415
+    from server.settings import Settings, resolve_placement  # noqa: PLC0415
 
     explicit = {name: value for name, value in vars(args).items() if name in Settings.model_fields and value is not None}
     try:
@@ -73,9 +75,27 @@ def run_serve(args: argparse.Namespace) -> int:
     if "log_level" in settings.model_fields_set:
         logging.getLogger().setLevel(settings.log_level.upper())
 
+    # 1. Cheap checks and the listening socket before anything loads, so a wrong base folder or a
+    #    port in use fails at once with one line, not after the model has loaded.
+    try:
+        resolve_placement(settings)
+        Checkpoint.open(settings.base)
+    except ValueError as e:  # CheckpointError is a ValueError
+        logger.error("cannot start: %s", e)
+        return 2
+    try:
+        listener = _listen(settings.host, settings.port)
+    except OSError as e:
+        logger.error(
+            "cannot listen on %s:%d: %s; choose another --port or stop the process that uses it",
+            settings.host, settings.port, e.strerror or e,
+        )
+        return 2
+
     try:
         app = create_app(settings)
     except KeyConfigError as e:
+        listener.close()
         logger.error("cannot start: %s", e)
         return 2
 
@@ -100,7 +120,7 @@ def run_serve(args: argparse.Namespace) -> int:
             timeout_graceful_shutdown=settings.shutdown_timeout,
         )
         server = DrainingServer(config)
-        server.run()
+        server.run(sockets=[listener])
     finally:
         signal.signal(signal.SIGTERM, previous)
     if not server.started:
@@ -109,3 +129,9 @@ def run_serve(args: argparse.Namespace) -> int:
     if stopped_by:
         logger.info("stopped after SIGTERM")
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """Bind and listen on host:port (IPv4 or IPv6, as the address resolves); raise OSError if taken."""
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    return socket.create_server((host, port), family=family, backlog=2048)

@@ -7,6 +7,12 @@ Registration writes the upload to a hidden temporary file in the same folder and
 full (checksum, base fingerprint, tensor names and shapes). Only then is it renamed into place,
 so a task becomes visible complete or not at all.
 
+The folder is the source of truth. Files may be copied in or removed by hand while the server
+runs (for example `git checkout demo/store`): listing, registration and deletion first rescan
+the folder when its modification time has changed. A file that cannot be served is remembered
+with its reason, so registering its name says why the name is taken, and deleting the task
+removes the file.
+
 Start-up removes the temporary files of uploads that a crash interrupted and logs how many it
 removed. Symbolic links in the folder are never served, so a link cannot expose a file outside
 the store.
@@ -23,6 +29,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +80,7 @@ class StoredTask:
     metadata: DeltaMetadata
     file_bytes: int
     version: int
+    mtime_ns: int = 0  # the file's modification time when indexed; a changed file is indexed again
 
 
 class Store:
@@ -86,6 +94,8 @@ class Store:
         self._params = params  # only names and shapes are read, never values
         self._reserved = reserved  # model ids a task may not take (the base's)
         self._tasks: dict[str, StoredTask] = {}
+        self._skipped: dict[str, str] = {}  # file name -> why it cannot be served
+        self._scanned_mtime: int | None = None  # the folder's st_mtime_ns at the last scan
         self._lock = threading.Lock()
         self._versions = itertools.count(1)
         self.leftovers_removed = 0  # unfinished uploads the last scan removed
@@ -93,34 +103,66 @@ class Store:
     # -- listing ---------------------------------------------------------------------------
 
     def scan(self) -> None:
-        """Rebuild the index from the folder; leftover temporary uploads are removed."""
+        """Rebuild the index from the folder; leftover temporary uploads are removed (start-up only)."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        found: dict[str, StoredTask] = {}
         leftovers = 0
         for path in sorted(self.folder.iterdir()):
             if path.name.startswith(UPLOAD_PREFIX):
                 logger.warning("removing the unfinished upload %s (%d bytes)", path.name, _size(path))
                 path.unlink(missing_ok=True)
                 leftovers += 1
-                continue
-            if not path.name.endswith(FILE_SUFFIX):
-                continue
-            if path.is_symlink():
-                logger.warning("skipping %s: it is a symbolic link, and the store serves only regular files", path.name)
-                continue
-            if not path.is_file():
-                continue
-            entry = self._index_file(path)
-            if entry is not None:
-                found[entry.task] = entry
-        with self._lock:
-            self._tasks = found
+        self._rescan()
         if leftovers:
             logger.warning("removed %s from %s", plural(leftovers, "unfinished upload"), self.folder)
         self.leftovers_removed = leftovers
+
+    def _refresh(self) -> None:
+        """Rescan when the folder changed since the last scan (a file added, removed or renamed)."""
+        try:
+            mtime = self.folder.stat().st_mtime_ns
+        except OSError:
+            return
+        if mtime != self._scanned_mtime:
+            self._rescan()
+
+    def _rescan(self) -> None:
+        """Index every delta file of the folder; unchanged files keep their entry and version."""
+        mtime = self.folder.stat().st_mtime_ns
+        with self._lock:
+            known = {entry.path.name: entry for entry in self._tasks.values()}
+        found: dict[str, StoredTask] = {}
+        skipped: dict[str, str] = {}
+        for path in sorted(self.folder.iterdir()):
+            if not path.name.endswith(FILE_SUFFIX) or path.name.startswith(UPLOAD_PREFIX):
+                continue
+            if path.is_symlink():
+                skipped[path.name] = "it is a symbolic link, and the store serves only regular files"
+                continue
+            if not path.is_file():
+                continue
+            previous = known.get(path.name)
+            if previous is not None and _same_file(previous, path):
+                found[previous.task] = previous
+                continue
+            entry, reason = self._index_file(path)
+            if entry is None:
+                skipped[path.name] = reason
+            else:
+                found[entry.task] = entry
+        new_skips = {name: reason for name, reason in skipped.items() if self._skipped.get(name) != reason}
+        for name, reason in new_skips.items():
+            logger.warning("skipping %s: %s", name, reason)
+        # Folder times are coarse (a few ms on Linux), so a change made in the same tick as this scan
+        # could keep the same time: until the folder time is a second old, the next call rescans.
+        settled = time.time_ns() - mtime > 1_000_000_000
+        with self._lock:
+            self._tasks = found
+            self._skipped = skipped
+            self._scanned_mtime = mtime if settled else None
         logger.debug("scanned %s: %s", self.folder, plural(len(found), "usable delta file"))
 
     def tasks(self) -> list[StoredTask]:
+        self._refresh()
         with self._lock:
             return [self._tasks[name] for name in sorted(self._tasks)]
 
@@ -136,13 +178,17 @@ class Store:
             raise TaskNotFound(task) from e
         if task in self._reserved or path.is_symlink() or not path.is_file():
             raise TaskNotFound(task)
-        entry = self._index_file(path)
+        entry, reason = self._index_file(path)
         if entry is None:
+            logger.warning("skipping %s: %s", path.name, reason)
+            with self._lock:
+                self._skipped[path.name] = reason
             raise TaskNotFound(task)
         with self._lock:
             return self._tasks.setdefault(task, entry)
 
     def total_bytes(self) -> int:
+        self._refresh()
         with self._lock:
             return sum(entry.file_bytes for entry in self._tasks.values())
 
@@ -157,9 +203,18 @@ class Store:
         validate_task_name(task)
         if task in self._reserved:
             raise TaskExists(task, reason="is the base model's id; choose another task name")
+        self._refresh()
+        name = delta_file_name(task)
         with self._lock:
             taken = task in self._tasks
-        if taken or (self.folder / delta_file_name(task)).exists():
+            skipped = self._skipped.get(name)
+        if skipped is not None:
+            raise TaskExists(
+                task,
+                reason=f"has a file in the store that cannot be served ({skipped}); "
+                f"remove it with DELETE /v1/deltas/{task}, then register again",
+            )
+        if taken or (self.folder / name).exists():
             raise TaskExists(task)
         return task
 
@@ -199,9 +254,10 @@ class Store:
                 if task in self._tasks or path.exists():
                     raise TaskExists(task)
                 os.replace(upload, path)
+                stat = path.stat()
                 entry = StoredTask(
-                    task=task, path=path, metadata=metadata, file_bytes=path.stat().st_size,
-                    version=next(self._versions),
+                    task=task, path=path, metadata=metadata, file_bytes=stat.st_size,
+                    version=next(self._versions), mtime_ns=stat.st_mtime_ns,
                 )
                 self._tasks[task] = entry
             _fsync_folder(self.folder)
@@ -212,9 +268,22 @@ class Store:
         )
         return entry
 
-    def delete(self, task: str) -> StoredTask:
-        """Remove the task's file and index entry; raise TaskNotFound if it is not stored."""
-        entry = self.get(task)
+    def delete(self, task: str) -> StoredTask | None:
+        """Remove the task's file and index entry; raise TaskNotFound if it has no file in the store.
+
+        Returns None when the file was one the store could not serve (its reason was logged).
+        """
+        try:
+            entry = self.get(task)
+        except TaskNotFound:
+            path = self.folder / delta_file_name(task)
+            with self._lock:
+                reason = self._skipped.pop(path.name, None)
+            if reason is None or path.is_symlink() or not path.is_file():
+                raise
+            path.unlink(missing_ok=True)
+            logger.info("deleted %s, which could not be served: %s", path.name, reason)
+            return None
         with self._lock:
             self._tasks.pop(task, None)
         entry.path.unlink(missing_ok=True)
@@ -228,30 +297,34 @@ class Store:
 
     # -- helpers ---------------------------------------------------------------------------
 
-    def _index_file(self, path: Path) -> StoredTask | None:
-        """Check one file's header against the base; log and return None when it is unusable."""
+    def _index_file(self, path: Path) -> tuple[StoredTask | None, str]:
+        """Check one file's header against the base; return its entry, or None and the reason."""
         try:
             metadata = read_metadata(path)
             if metadata.base_fingerprint != self.base_fingerprint:
-                logger.warning(
-                    "skipping %s: made for base %s, but the base in use is %s",
-                    path.name, metadata.base_fingerprint, self.base_fingerprint,
-                )
-                return None
+                return None, f"made for base {metadata.base_fingerprint}, but the base in use is {self.base_fingerprint}"
             if path.name != delta_file_name(metadata.task):
-                logger.warning("skipping %s: its metadata names task %r", path.name, metadata.task)
-                return None
+                return None, f"its metadata names task {metadata.task!r}"
             if metadata.task in self._reserved:
-                logger.warning("skipping %s: task %r is the base model's id", path.name, metadata.task)
-                return None
+                return None, f"task {metadata.task!r} is the base model's id"
             check_compatible(metadata, self._params)
+            stat = path.stat()
         except (DeltaFormatError, OSError) as e:
-            logger.warning("skipping %s: %s", path.name, e)
-            return None
-        return StoredTask(
-            task=metadata.task, path=path, metadata=metadata, file_bytes=path.stat().st_size,
-            version=next(self._versions),
+            return None, str(e)
+        entry = StoredTask(
+            task=metadata.task, path=path, metadata=metadata, file_bytes=stat.st_size,
+            version=next(self._versions), mtime_ns=stat.st_mtime_ns,
         )
+        return entry, ""
+
+
+def _same_file(entry: StoredTask, path: Path) -> bool:
+    """True when `path` still has the size and modification time it had when `entry` was indexed."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return False
+    return stat.st_size == entry.file_bytes and stat.st_mtime_ns == entry.mtime_ns
 
 
 def _size(path: Path) -> int:

@@ -170,7 +170,7 @@ def test_sigkill_during_upload_leaves_store_consistent(tiny_base, delta_files, t
             # Killed mid-body: the upload's temporary file is still there, and the next start reports it.
             assert len(_leftovers(folder)) == 1
         else:
-            assert "removed 1 unfinished uploads" in (tmp_path / "serve-1.log").read_text()
+            assert "removed 1 unfinished upload from" in (tmp_path / "serve-1.log").read_text()
 
     # A last start-up cleans the folder, reports what it removed and serves the surviving task.
     leftovers = len(_leftovers(folder))
@@ -185,4 +185,5 @@ def test_sigkill_during_upload_leaves_store_consistent(tiny_base, delta_files, t
         served.wait()
     assert _leftovers(folder) == []
     if leftovers:
-        assert f"removed {leftovers} unfinished uploads" in served.log()
+        noun = "upload" if leftovers == 1 else "uploads"
+        assert f"removed {leftovers} unfinished {noun} from" in served.log()

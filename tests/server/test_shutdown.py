@@ -133,10 +133,12 @@ def _start_streams(url: str, *, count: int, max_tokens: int) -> tuple[list[_Stre
 
 
 def _wait_first_text(streams: list[_Stream]) -> None:
+    # Every stream must be connected (its response headers arrived, which the server sends when it
+    # queues the request) before the signal, or a late one would meet a closed socket.
     deadline = time.monotonic() + WAIT_S
-    while not any(len(s.lines) >= 2 for s in streams):
+    while not (any(len(s.lines) >= 2 for s in streams) and all(s.status is not None for s in streams)):
         if time.monotonic() > deadline:
-            raise AssertionError("no stream produced text")
+            raise AssertionError("the streams did not all connect, or none produced text")
         time.sleep(0.01)
 
 

@@ -106,6 +106,57 @@ def _sample(metrics: Metrics, name: str, tier: str) -> float:
     return metrics.registry.get_sample_value(name, {"tier": tier}) or 0.0
 
 
+def test_file_copied_in_is_listed(tmp_path, tiny_base, delta_files, params) -> None:
+    store = _store(tmp_path, tiny_base, params)
+    assert store.tasks() == []
+
+    shutil.copy(delta_files["alpha"], tmp_path)
+
+    assert [entry.task for entry in store.tasks()] == ["alpha"]
+
+
+def test_file_removed_by_hand_is_unlisted(tmp_path, tiny_base, delta_files, params) -> None:
+    shutil.copy(delta_files["alpha"], tmp_path)
+    shutil.copy(delta_files["beta"], tmp_path)
+    store = _store(tmp_path, tiny_base, params)
+
+    (tmp_path / "beta.delta.safetensors").unlink()
+
+    assert [entry.task for entry in store.tasks()] == ["alpha"]
+    with pytest.raises(TaskNotFound):
+        store.get("beta")
+
+
+def test_rescan_keeps_unchanged_versions(tmp_path, tiny_base, delta_files, params) -> None:
+    shutil.copy(delta_files["alpha"], tmp_path)
+    store = _store(tmp_path, tiny_base, params)
+    version = store.get("alpha").version
+
+    shutil.copy(delta_files["beta"], tmp_path)  # changes the folder, so the next listing rescans
+
+    assert [entry.task for entry in store.tasks()] == ["alpha", "beta"]
+    assert store.get("alpha").version == version
+
+
+def test_unservable_file_explains_taken_name(tmp_path, tiny_base, params) -> None:
+    store = _store(tmp_path, tiny_base, params)
+    (tmp_path / "junk.delta.safetensors").write_text("not a delta file\n")
+
+    with pytest.raises(TaskExists, match="cannot be served") as raised:
+        store.check_new_name("junk")
+    assert "DELETE /v1/deltas/junk" in str(raised.value)
+
+    assert store.delete("junk") is None
+    assert not (tmp_path / "junk.delta.safetensors").exists()
+    assert store.check_new_name("junk") == "junk"
+
+
+def test_delete_missing_task_still_not_found(tmp_path, tiny_base, params) -> None:
+    store = _store(tmp_path, tiny_base, params)
+    with pytest.raises(TaskNotFound):
+        store.delete("absent")
+
+
 def test_device_tier_lru_eviction(tmp_path, tiny_base, delta_files, params) -> None:
     for task in ("alpha", "beta"):
         shutil.copy(delta_files[task], tmp_path)
