@@ -624,7 +624,7 @@ def render_recommendations(records: list[dict], *, split: str, tasks: list[str])
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     commands = []
-    ordered = sorted(latest.values(), key=lambda r: (tasks.index(r["task"]), r["optimizer"]))
+    ordered = sorted(latest.values(), key=lambda r: (tasks.index(r["task"]), OPTIMIZERS.index(r["optimizer"])))
     for number, r in enumerate(ordered, start=1):
         commands.append(f"# {number}\n" + "\n".join(r["commands"]))
         if r["metric"] == "failed":
