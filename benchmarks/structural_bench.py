@@ -5,6 +5,8 @@ of the base: the real checkpoint with --base, else random tensors of SmolLM2-135
 keep single entries, whole rows or whole columns, each with probability 1 - p, so all three keep
 about the same number of values. It reports
 the median time of one exact-mode apply + restore of each, and the decoded size on the device.
+The weights are packed into one buffer first, as the server holds them (`pack_parameters`), so
+single entries take the one-gather path and rows and columns their per-tensor line updates.
 
 Usage: python benchmarks/structural_bench.py [--base DIR] [--dtype float32|bfloat16|float16]
 Prints a markdown table.
@@ -18,7 +20,7 @@ import platform
 import torch
 
 from apply_bench import load_params, median_seconds, random_delta
-from deltastore.apply import DecodedDelta, DecodedTensor, apply, restore
+from deltastore.apply import DecodedDelta, DecodedTensor, apply, pack_parameters, restore
 
 
 def random_lines(params: dict[str, torch.Tensor], drop_rate: float, *, axis: int, seed: int = 0) -> DecodedDelta:
@@ -47,6 +49,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     params = load_params(args.base, getattr(torch, args.dtype))
+    pack_parameters(params)
     weight_bytes = sum(w.numel() * w.element_size() for w in params.values())
     print(f"machine: {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}; weights {args.dtype}, "
           f"{weight_bytes / 1e6:.1f} MB of projections ({'checkpoint ' + args.base if args.base else 'random, SmolLM2-135M shapes'})\n")
@@ -60,6 +63,7 @@ def main() -> None:
         }
         baseline = None
         for layout, delta in deltas.items():
+            restore(params, apply(params, delta))  # builds the packed positions once, as a server load does
             seconds = median_seconds(lambda: restore(params, apply(params, delta)), args.repeats)
             baseline = baseline or seconds
             print(f"| {drop_rate} | {layout} | {delta.nnz:,} | {delta.nbytes / 1e6:.1f} | {seconds * 1e3:.2f} | {seconds / baseline:.2f} |")
