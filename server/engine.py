@@ -24,10 +24,9 @@ from __future__ import annotations
 import enum
 import itertools
 import logging
-from collections import OrderedDict
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
@@ -258,15 +257,13 @@ class Engine:
             # 2. Mixed batching: unless that task fills a batch alone, take the oldest requests of any tasks.
             if self.batching == BATCHING_MIXED and not fills_batch:
                 batch, tasks = self._take_mixed_batch()
-                if len(tasks) > 1:
+                try:
                     self._run_mixed_batch(batch, tasks)
-                    continue
-                if batch:
-                    # Only one task was waiting: serve it on merged weights, as a per-task batch.
-                    task = batch[0].task
-                    if self._switch_to(task):
-                        self._run_batch(batch)
-                    continue
+                except Exception as e:  # an unexpected failure must not kill the loop that serves every task
+                    logger.exception("a batch of %d requests of tasks %s failed", len(batch), sorted(tasks))
+                    for request in batch:
+                        _fail(request, ErrorKind.INTERNAL, f"serving the batch failed: {e}")
+                continue
 
             # 3. Put that task's weights in place; on failure its queued requests fail.
             try:
@@ -391,7 +388,14 @@ class Engine:
         return not any(name == task for name, _ in self._not_mixable)
 
     def _run_mixed_batch(self, batch: list[EngineRequest], tasks: set[str]) -> None:
-        """Run rows of several tasks together on the base weights, each row with its own delta."""
+        """Run rows of several tasks together on the base weights, each row with its own delta.
+
+        A batch of one task (all that was waiting, or all that is left) runs on merged weights.
+        """
+        if len(tasks) == 1:
+            self._run_merged(batch)
+            return
+
         # 1. Prepare every task's row delta. A task that cannot be mixed goes back to its queue;
         #    one whose delta is gone fails its requests.
         row_deltas: dict[str, RowDelta | None] = {self.base_name: None}
@@ -412,9 +416,7 @@ class Engine:
         if not batch:
             return
         if len(remaining) == 1:
-            # Only one task is left: merged weights serve it exactly.
-            if self._switch_to(batch[0].task):
-                self._run_batch(batch)
+            self._run_merged(batch)
             return
 
         # 2. The base weights in place, then one generation with per-row hooks.
@@ -424,6 +426,18 @@ class Engine:
         logger.debug("mixed batch of %d requests over tasks %s", len(batch), sorted(remaining))
         with MixedBatch(self.model, [row_deltas[request.task] for request in batch]) as mixing:
             self._run_batch(batch, mixing=mixing)
+
+    def _run_merged(self, batch: list[EngineRequest]) -> None:
+        """Serve a taken batch of one task on its merged weights; fail it if the task is gone."""
+        if not batch:
+            return
+        task = batch[0].task
+        if self._switch_to(task):
+            self._run_batch(batch)
+            return
+        # The switch failed the task's queue, but these requests had already left it.
+        for request in batch:
+            _fail(request, ErrorKind.NOT_FOUND, f"task {task!r} is no longer in the delta store")
 
     def _row_delta(self, task: str) -> RowDelta | None:
         """Return `task`'s delta prepared for mixing, or None when it cannot be mixed.

@@ -365,3 +365,40 @@ def test_mixed_server_streams_each_task(tiny_base, delta_files, tmp_path) -> Non
         expected, _ = greedy_text(reference_model(tiny_base, references[model]), tokenizer, prompt, max_tokens=10)
         assert text == expected, model
     assert mixed_batches >= 1
+
+
+def test_deleted_task_fails_in_mixed_batch(tiny_base, delta_files, tmp_path) -> None:
+    for task in ("alpha", "beta"):
+        shutil.copy(delta_files[task], tmp_path)
+    runtime = _mixed_runtime(tiny_base, tmp_path)
+    tasks = ["alpha", "beta", "base", "beta"]
+    collector = Collector(len(tasks))
+    runtime.engine.submit([collector.request(task, i, PROMPTS[i % 3]) for i, task in enumerate(tasks)])
+    runtime.store.delete("beta")  # gone after queuing, before the batch runs
+    runtime.engine.start()
+    try:
+        assert collector.done.wait(120)
+    finally:
+        runtime.engine.stop()
+
+    for i, task in enumerate(tasks):
+        event = collector.events[(task, i)]
+        if task == "beta":
+            assert isinstance(event, ErrorEvent), event
+            assert event.kind.value == "not_found"
+        else:
+            assert isinstance(event, DoneEvent), event
+
+
+def test_deleted_single_task_fails_not_hangs(tiny_base, delta_files, tmp_path) -> None:
+    shutil.copy(delta_files["alpha"], tmp_path)
+    runtime = _mixed_runtime(tiny_base, tmp_path)
+    collector = Collector(2)
+    runtime.engine.submit([collector.request("alpha", i, PROMPTS[i]) for i in range(2)])
+    runtime.store.delete("alpha")
+    runtime.engine.start()
+    try:
+        assert collector.done.wait(120)
+    finally:
+        runtime.engine.stop()
+    assert all(isinstance(event, ErrorEvent) for event in collector.events.values())
