@@ -349,7 +349,7 @@ class Engine:
         """Take the oldest queued requests of tasks that can be mixed, up to `max_batch_size`.
 
         Returns the batch and its tasks. When the oldest request's task cannot be mixed, the
-        batch holds that task's requests only.
+        batch contains that task's requests only.
         """
         with self._cond:
             if self.max_batch_wait > 0 and sum(len(q) for q in self._queues.values()) < self.max_batch_size:

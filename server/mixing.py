@@ -54,7 +54,7 @@ class _WeightTerm:
         """Return `x @ delta.T` in float32 for rows x (..., in), shaped `out_shape`."""
         flat = x.reshape(-1, x.shape[-1]).float()
         if self.sparse is not None:
-            extra = (self.sparse @ flat.T).T
+            extra = (self.sparse @ flat.T.contiguous()).T  # a contiguous dense operand is the fast CSR path
         elif self.dense is not None:
             extra = flat @ self.dense.T
         elif self.axis == 0:
