@@ -92,6 +92,9 @@ VARIANTS: dict[str, Variant] = {
         Variant(name="dare-rows", method="dare", options=("--structure", "rows")),
         Variant(name="magnitude-int8", method="magnitude", options=("--value-dtype", "int8")),
         Variant(name="magnitude-rows", method="magnitude", options=("--structure", "rows")),
+        # Magnitude and WANDA with DARE's 1 / (1 - p) rescale of the kept values.
+        Variant(name="magnitude-rescale", method="magnitude", options=("--rescale",)),
+        Variant(name="wanda-rescale", method="wanda", options=("--rescale",), inputs=("calibration",)),
     )
 }
 
@@ -569,13 +572,15 @@ def format_value(record: dict) -> str:
 
 
 def format_q(record: dict) -> str:
-    """Return the rescale q of a row: stored for darex-q, 1 - p for DARE, '-' without a rescale."""
+    """Return the rescale q of a row: stored for darex-q, 1 - p for DARE and --rescale, '-' without a rescale."""
     if record["metric"] == "not run":
         return ""
     if record.get("q") is not None:
         return f"{record['q']:.4g}"
-    method = VARIANTS[record["variant"]].method if record["variant"] in VARIANTS else None
-    if method == "dare" and record.get("drop_rate") is not None:
+    variant = VARIANTS.get(record["variant"])
+    method = variant.method if variant is not None else None
+    rescaled = method == "dare" or (variant is not None and "--rescale" in variant.options)
+    if rescaled and record.get("drop_rate") is not None:
         return f"{1 - record['drop_rate']:.4g}"
     if method == "darex-q" and record.get("params", {}).get("eta") is not None:
         return f"per layer, eta {record['params']['eta']:g}"
@@ -692,7 +697,7 @@ def render_table(
     """Render one task's rows as a markdown table, followed by the commands of each numbered row.
 
     With `variants`, `optimizers` or `drop_rates`, only the base row and the rows that match every
-    given filter are shown; a fine-tune row matches the drop-rate filter.
+    given filter are shown. A fine-tune row has no drop rate, so it passes the drop-rate filter.
     """
     rows = latest_rows(records, task=task, split=split)
     if variants is not None:
