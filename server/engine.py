@@ -168,6 +168,8 @@ class Engine:
         self.swap_count = 0
         self.mixed_batch_count = 0
         # Deltas prepared for mixed batches, by (task, version); a batch needs at most max_batch_size.
+        # NOTE: this cache is bounded by count (2 x max_batch_size), not bytes, and the device
+        # cache budget does not include it; each entry is about 9 bytes per kept value.
         self._row_deltas: OrderedDict[tuple[str, int], RowDelta] = OrderedDict()
         self._not_mixable: dict[tuple[str, int], str] = {}  # (task, version) -> reason, logged once
 
