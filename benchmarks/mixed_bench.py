@@ -14,8 +14,13 @@ against `merged`. Deltas are random DARE-style deltas at `--drop-rate` over ever
 MLP projection (benchmarks/multitenant_bench.py writes them), so they cost what real ones of the
 same nnz cost.
 
+With --tasks, the named deltas already in --store are used instead (for example the demo
+deltas), and K goes up to their number.
+
 Usage:
   OMP_NUM_THREADS=1 python benchmarks/mixed_bench.py --base /work/base1 --batch 8 --max-tokens 32
+  OMP_NUM_THREADS=1 python benchmarks/mixed_bench.py --base ~/.cache/deltamux/SmolLM2-135M-Instruct \
+      --store demo/store --tasks sentiment,arithmetic,instruct --counts 1,3
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from multitenant_bench import PROMPTS, write_random_deltas  # noqa: E402
 
-from deltastore.apply import apply, decode, model_params, restore  # noqa: E402
+from deltastore.apply import apply, decode, model_params, pack_parameters, prepare_merged, restore  # noqa: E402
 from deltastore.format import delta_file_name, read_delta  # noqa: E402
 from server.generation import SamplingParams, SequenceInput, generate  # noqa: E402
 from server.mixing import MixedBatch, prepare  # noqa: E402
@@ -55,18 +60,25 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32, help="tokens generated per row (default: 32)")
     parser.add_argument("--drop-rate", type=float, default=0.99, help="drop rate of the random deltas (default: 0.99)")
     parser.add_argument("--counts", default="1,2,4,8", help="comma-separated task counts K to mix (default: 1,2,4,8)")
+    parser.add_argument("--tasks", default="", help="comma-separated tasks whose deltas are in --store (default: write random ones)")
     parser.add_argument("--rounds", type=int, default=3, help="timed rounds per configuration; the median is reported")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
-    tasks = [f"t{i}" for i in range(args.batch)]
-    write_random_deltas(args.base, args.store, tasks=tasks, drop_rate=args.drop_rate)
+    if args.tasks:
+        tasks = [task for task in args.tasks.split(",") if task]
+    else:
+        tasks = [f"t{i}" for i in range(args.batch)]
+        write_random_deltas(args.base, args.store, tasks=tasks, drop_rate=args.drop_rate)
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.base)
+    pack_parameters(model_params(model))  # as the server holds its weights
     params = model_params(model)
     eos = frozenset({tokenizer.eos_token_id})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     decoded = {task: decode(read_delta(args.store / delta_file_name(task))) for task in tasks}
+    for delta in decoded.values():
+        prepare_merged(params, delta)
     prepared = {task: prepare(model, decoded[task]) for task in tasks}
 
     def run(sequences: list[SequenceInput]) -> None:
@@ -94,7 +106,7 @@ def main() -> None:
             finally:
                 restore(params, applied)
 
-    counts = [int(k) for k in args.counts.split(",") if k and int(k) <= args.batch]
+    counts = [int(k) for k in args.counts.split(",") if k and int(k) <= min(args.batch, len(tasks))]
     configs = {"merged": merged}
     for k in counts:
         configs[f"mixed-{k}"] = lambda k=k: mixed(k)
@@ -112,7 +124,8 @@ def main() -> None:
     tokens = args.batch * args.max_tokens
     reference = statistics.median(seconds["merged"])
     print(f"\n{platform.machine()}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch}, {args.max_tokens} tokens per row, p = {args.drop_rate}, median of {args.rounds}\n")
+          f"batch {args.batch}, {args.max_tokens} tokens per row, "
+          f"deltas {args.tasks or f'random, p = {args.drop_rate}'}, median of {args.rounds}\n")
     print("| config | tokens/s / merged | tokens/s | seconds |")
     print("| --- | ---: | ---: | ---: |")
     for name, values in seconds.items():
