@@ -11,7 +11,7 @@ shapes), then measures:
   apply and restore;
 - a full-weight swap: copying every projection weight in, the naive way of switching fine-tunes;
 - exact apply + restore again on a packed copy of the weights (`pack_parameters`: one buffer, so
-  one gather and one scatter serve every tensor of the delta), which is how the server holds them.
+  one gather and one scatter serve every tensor of the delta), which is how the server keeps them.
 
 Usage: python benchmarks/apply_bench.py [--base DIR] [--dtype float32|bfloat16|float16]
 Prints a markdown table; ratios are relative to the bound and to the full copy.

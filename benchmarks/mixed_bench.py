@@ -72,7 +72,7 @@ def main() -> None:
         write_random_deltas(args.base, args.store, tasks=tasks, drop_rate=args.drop_rate)
     model = AutoModelForCausalLM.from_pretrained(args.base, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.base)
-    pack_parameters(model_params(model))  # as the server holds its weights
+    pack_parameters(model_params(model))  # as the server keeps its weights
     params = model_params(model)
     eos = frozenset({tokenizer.eos_token_id})
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id

@@ -113,8 +113,8 @@ def pack_parameters(params: Mapping[str, torch.Tensor]) -> int:
     that owns these parameters works as before. `apply` then reaches every flat sparse tensor of
     a delta with one indexing call.
     """
-    # NOTE: the old tensors and the new buffer exist together while packing, so memory peaks at twice the
-    # packed bytes; on a GPU with little free memory, pack before other allocations.
+    # NOTE: the old tensors and the new buffer exist together while packing, so memory peaks at
+    # twice the packed bytes. On a GPU with little free memory, pack before other allocations.
     groups: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
     for tensor in params.values():
         if not tensor.is_contiguous():

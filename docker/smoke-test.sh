@@ -133,7 +133,7 @@ free_port() {
   "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# Print the HTTP status of GET http://127.0.0.1:PORT/PATH, or 000 when nothing answers.
+# Print the HTTP status of GET http://127.0.0.1:PORT/PATH, or 000 when nothing responds.
 http_status() {
   local port="$1" path="$2" status
   status="$({

@@ -167,11 +167,11 @@ class Engine:
         self._applied: _Applied | None = None  # None: the weights are the base
         self.swap_count = 0
         self.mixed_batch_count = 0
-        # Deltas prepared for mixed batches, by (task, version); a batch needs at most max_batch_size.
-        # NOTE: this cache is bounded by count (2 x max_batch_size), not bytes, and the device
-        # cache budget does not include it; each entry is about 9 bytes per kept value.
+        # Deltas prepared for mixed batches, by (task, version). A batch needs at most max_batch_size.
+        # NOTE: this cache is bounded by count (2 x max_batch_size), not bytes. The device cache
+        # budget does not include it, and each entry takes about 9 bytes per kept value.
         self._row_deltas: OrderedDict[tuple[str, int], RowDelta] = OrderedDict()
-        self._not_mixable: dict[tuple[str, int], str] = {}  # (task, version) -> reason, logged once
+        self._not_mixable: dict[str, int] = {}  # task -> the version found not mixable; cleared on delete
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -229,6 +229,8 @@ class Engine:
         with self._cond:
             queue = self._queues.pop(task, deque())
             self.metrics.queue_depth.labels(task=task).set(0)
+            # A task registered again under this name gets a fresh mixability check.
+            self._not_mixable.pop(task, None)
         for request in queue:
             _fail(request, ErrorKind.NOT_FOUND, f"task {task!r} was deleted before this request ran")
         if queue:
@@ -387,7 +389,7 @@ class Engine:
         """False only for a task already found not mixable; unknown tasks are tried."""
         if task == self.base_name:
             return True
-        return not any(name == task for name, _ in self._not_mixable)
+        return task not in self._not_mixable
 
     def _run_mixed_batch(self, batch: list[EngineRequest], tasks: set[str]) -> None:
         """Run rows of several tasks together on the base weights, each row with its own delta.
@@ -455,7 +457,7 @@ class Engine:
         if cached is not None:
             self._row_deltas.move_to_end(key)
             return cached
-        if key in self._not_mixable:
+        if self._not_mixable.get(task) == entry.version:
             return None
         try:
             decoded = self.residency.fetch(entry).decoded
@@ -467,9 +469,10 @@ class Engine:
         try:
             prepared = prepare(self.model, decoded)
         except NotMixable as e:
-            self._not_mixable[key] = str(e)
+            self._not_mixable[task] = entry.version
             logger.warning("task %s is served in batches of its own: %s", task, e)
             return None
+        logger.info("prepared task %s for mixed batches: %d bytes", task, prepared.nbytes)
         self._row_deltas[key] = prepared
         while len(self._row_deltas) > 2 * self.max_batch_size:
             self._row_deltas.popitem(last=False)

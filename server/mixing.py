@@ -12,7 +12,7 @@ output of every module its task changed:
   computed again in the hook, because the output cannot be divided by a weight that may be 0.
 
 A delta that changes any other tensor (an embedding, a tied LM head, a norm's bias) cannot be
-mixed; `prepare` raises `NotMixable` and the engine serves that task in batches of its own.
+mixed. `prepare` raises `NotMixable` for it, and the engine serves that task in batches of its own.
 
 Exactness: a mixed row computes `W x + D x` where a merged batch computes `(W + D) x`, so their
 outputs agree up to floating-point rounding, not bit for bit. Batches of a single task still run
@@ -226,7 +226,7 @@ class _GroupOp:
 class _StackedSparseOp:
     """The sparse weight deltas of several tasks as one block-diagonal CSR product.
 
-    Each task's rows are copied into its own block of a zero-padded input (`slots` says where),
+    Each task's rows are copied into its own block of a zero-padded input (`slots` gives where),
     so a single sparse product serves every task instead of one small product per task.
     """
 
@@ -307,9 +307,9 @@ class MixedBatch:
 
     `row_deltas[i]` is the delta of the batch's sequence i, or None for a base row. Before each
     forward pass, `set_active` gives the sequence index of every current batch row, because
-    finished rows leave the batch. It plans, per module, the operations for that set of rows:
-    sparse weight deltas and bias or norm deltas of several tasks are stacked so that one product
-    serves every task; other terms run task by task.
+    finished rows leave the batch. It plans, per module, the operations for that set of rows.
+    Sparse weight deltas and bias or norm deltas of several tasks are stacked, so one product
+    serves every task. Other terms run task by task.
     """
 
     def __init__(self, model: nn.Module, row_deltas: Sequence[RowDelta | None]) -> None:

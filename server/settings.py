@@ -28,7 +28,7 @@ class DtypeChoice(enum.StrEnum):
 
 
 class Batching(enum.StrEnum):
-    """Which requests may share one generation batch."""
+    """Batching policy: the rule for which requests may share one generation batch."""
 
     PER_TASK = "per-task"  # one task per batch, its delta merged into the resident weights
     MIXED = "mixed"  # any tasks per batch: merged weights when one task, else per-row sparse delta products

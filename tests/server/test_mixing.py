@@ -257,6 +257,15 @@ def _mixed_runtime(tiny_base: Path, store: Path, **overrides):
     return load_runtime(settings, Metrics())
 
 
+def _run_queued(runtime, collector: Collector) -> None:
+    """Start the engine on its queued requests, wait until all finished, then stop it."""
+    runtime.engine.start()
+    try:
+        assert collector.done.wait(120)
+    finally:
+        runtime.engine.stop()
+
+
 def test_engine_mixes_tasks_in_one_batch(tiny_base, delta_files, tmp_path) -> None:
     for task in ("alpha", "beta"):
         shutil.copy(delta_files[task], tmp_path)
@@ -265,11 +274,7 @@ def test_engine_mixes_tasks_in_one_batch(tiny_base, delta_files, tmp_path) -> No
     collector = Collector(len(tasks))
     requests = [collector.request(task, i, PROMPTS[i % 3]) for i, task in enumerate(tasks)]
     runtime.engine.submit(requests)  # queued before the loop starts, so they share one batch
-    runtime.engine.start()
-    try:
-        assert collector.done.wait(120)
-    finally:
-        runtime.engine.stop()
+    _run_queued(runtime, collector)
 
     assert runtime.engine.mixed_batch_count == 1
     assert runtime.metrics.registry.get_sample_value("deltamux_mixed_batches_total") == 1
@@ -290,11 +295,7 @@ def test_engine_serves_one_task_on_merged_weights(tiny_base, delta_files, tmp_pa
     runtime = _mixed_runtime(tiny_base, tmp_path)
     collector = Collector(3)
     runtime.engine.submit([collector.request("alpha", i, PROMPTS[i]) for i in range(3)])
-    runtime.engine.start()
-    try:
-        assert collector.done.wait(120)
-    finally:
-        runtime.engine.stop()
+    _run_queued(runtime, collector)
     assert runtime.engine.mixed_batch_count == 0
     assert runtime.engine.swap_count == 1
 
@@ -322,13 +323,11 @@ def test_unmixable_task_served_alone(tiny_base, delta_files, tmp_path) -> None:
     tasks = ["embed", "alpha", "embed", "alpha"]
     collector = Collector(len(tasks))
     runtime.engine.submit([collector.request(task, i, PROMPTS[i % 3]) for i, task in enumerate(tasks)])
-    runtime.engine.start()
-    try:
-        assert collector.done.wait(120)
-    finally:
-        runtime.engine.stop()
+    _run_queued(runtime, collector)
 
     assert runtime.engine.mixed_batch_count == 0  # embed cannot mix; alpha alone runs merged
+    runtime.engine.drop_task("embed")
+    assert runtime.engine._mixable("embed")  # a task registered again is checked afresh
     references = {"embed": reference_model(tiny_base, embed_path), "alpha": reference_model(tiny_base, delta_files["alpha"])}
     for i, task in enumerate(tasks):
         event = collector.events[(task, i)]
@@ -375,11 +374,7 @@ def test_deleted_task_fails_in_mixed_batch(tiny_base, delta_files, tmp_path) -> 
     collector = Collector(len(tasks))
     runtime.engine.submit([collector.request(task, i, PROMPTS[i % 3]) for i, task in enumerate(tasks)])
     runtime.store.delete("beta")  # gone after queuing, before the batch runs
-    runtime.engine.start()
-    try:
-        assert collector.done.wait(120)
-    finally:
-        runtime.engine.stop()
+    _run_queued(runtime, collector)
 
     for i, task in enumerate(tasks):
         event = collector.events[(task, i)]
@@ -396,9 +391,5 @@ def test_deleted_single_task_fails_not_hangs(tiny_base, delta_files, tmp_path) -
     collector = Collector(2)
     runtime.engine.submit([collector.request("alpha", i, PROMPTS[i]) for i in range(2)])
     runtime.store.delete("alpha")
-    runtime.engine.start()
-    try:
-        assert collector.done.wait(120)
-    finally:
-        runtime.engine.stop()
+    _run_queued(runtime, collector)
     assert all(isinstance(event, ErrorEvent) for event in collector.events.values())
